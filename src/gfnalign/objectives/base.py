@@ -1,0 +1,79 @@
+"""What every objective shares: its output type, the optional hooks the trainer calls, and a registry.
+
+The trainer calls, for every epoch and never branching on the objective type:
+
+    traj = objective.prepare(traj)                         # epoch-level statistics (e.g. DDPO advantages)
+    batch = objective.select_transitions(traj, generator)  # which transitions to train on
+    out = objective(batch, policy, lookahead, beta=beta)   # LossOutput; out.loss.backward()
+
+``trainable_modules()`` returns the objective's own heads (flow networks); the policy is passed in on
+every call and never owned by the objective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from gfnalign.core.batches import TrajectoryBatch, TransitionBatch
+from gfnalign.core.protocols import Lookahead, PolicyModel
+
+
+@dataclass
+class LossOutput:
+    """``loss``: scalar to backpropagate (mean over transitions). ``residual``: [N] per-transition
+    balance residual or surrogate (detached, for tests and logging). ``metrics``: flat floats, keys
+    namespaced like ``loss/<term>``."""
+
+    loss: torch.Tensor
+    residual: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Objective(nn.Module):
+    """Base class: holds the objective's heads as sub-modules so ``state_dict`` checkpoints them."""
+
+    name: str = "objective"
+    #: True when the objective needs ∇r (lookahead.grad_log_reward), i.e. a differentiable reward.
+    needs_reward_gradient: bool = False
+    #: True when the objective uses the frozen reference policy (adapters off).
+    needs_reference: bool = False
+
+    def prepare(self, traj: TrajectoryBatch) -> TrajectoryBatch:
+        return traj
+
+    def select_transitions(self, traj: TrajectoryBatch, generator: torch.Generator | None = None) -> TransitionBatch:
+        raise NotImplementedError
+
+    def forward(  # type: ignore[override]
+        self, batch: TransitionBatch, policy: PolicyModel, lookahead: Lookahead | None, *, beta: float
+    ) -> LossOutput:
+        raise NotImplementedError
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {name: module for name, module in self.named_children()}
+
+
+# name -> factory(**options) -> Objective ; filled by each objective module at import.
+REGISTRY: dict[str, Callable[..., Objective]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., Objective]], Callable[..., Objective]]:
+    def deco(factory: Callable[..., Objective]) -> Callable[..., Objective]:
+        REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def build_objective(name: str, **options: Any) -> Objective:
+    """Construct a registered objective by name, e.g. ``build_objective("dag-db", state_shape=(4, 8, 8))``."""
+    import gfnalign.objectives  # noqa: F401  (registers the built-ins)
+
+    if name not in REGISTRY:
+        raise ValueError(f"method={name!r} is not known; choose one of {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name](**options)
