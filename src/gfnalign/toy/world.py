@@ -1,0 +1,212 @@
+"""The analytic toy world: exact pretrained denoiser + zero-initialised correction, a lookahead, a sampler.
+
+**Terminal state.** The sampling grid is the Stable-Diffusion-like DDPM grid: linear betas 1e-4..0.02 over
+T = 1000 training steps, K = 50 "leading" inference steps with ``steps_offset = 1`` (timesteps
+981, 961, ..., 1) and a final alpha-bar of ``alphas_cumprod[0] = 1 - 1e-4`` (diffusers'
+``set_alpha_to_one=False``). Every step, the last one included, is therefore a proper Gaussian with
+positive variance (log-probs and scores exist), and the terminal state ``x_final`` sits at timestep 0.
+We do **not** step to alpha-bar = 1. Instead the toy's "data" at the end of the chain is the mixture
+noised to the final alpha-bar, ``p_f = noised(p_data, alphas_cumprod[0])`` — itself a Gaussian mixture
+(variance + 1e-4 per axis) — and every target is defined on it: ``p*(x) ∝ p_f(x) exp(β r(x))``, whose
+closed form comes from the reward's ``tilt``. The exact-ε sampler differs from p_f by discretisation
+error only; the toy measures that floor.
+
+**One target for all methods.** Methods whose fixed point is ``∝ R`` (dag-db, dag-kl, nabla-db) get
+``log R = log p_f + β r``: objectives compute ``β · reward``, so the reward handed to them is
+``r + log p_f / β`` (``prior_scale = 1/β``). residual-nabla-db (fixed point ``∝ p_pretrained · R``), ddpo
+and reward-backprop get the plain r.
+
+**Lookahead.** ``r(x̂0(x))`` with x̂0 from the frozen exact model (``model="reference"``, the
+prototype's best setting) or from the current policy (``model="policy"``, the papers' code). With a
+``prior_scale`` c > 0 the lookahead adds ``c · log p_t(x)``, the exact log-marginal of the pretrained
+chain at the state's own noise level: that is the pretrained model's own (approximately DB-consistent)
+log-flow, so the forward-looking flow ``log F = f_φ + β(r(x̂0) + c log p_t)`` leaves only the tilt's
+correction to the head. At the terminal state it is exactly ``r + c log p_f``. ``prior_flow="x0hat"``
+instead uses ``c · log p_f(x̂0(x))`` (a literal "reward of the predicted sample").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from gfnalign.core.kernels import forward_kernel
+from gfnalign.core.schedule import NoiseSchedule, make_betas
+from gfnalign.toy.mixture import DTYPE, GaussianMixture
+from gfnalign.toy.rewards import ToyReward
+
+LOOKAHEAD_MODELS = ("reference", "policy")
+PRIOR_FLOWS = ("marginal", "x0hat")
+
+
+def toy_schedule(num_steps: int = 50, num_train_timesteps: int = 1000) -> NoiseSchedule:
+    """Linear betas 1e-4..0.02, leading spacing with steps_offset=1, final alpha-bar = alphas_cumprod[0]."""
+    betas = make_betas("linear", num_train_timesteps, 1e-4, 0.02)
+    alphas_cumprod = torch.cumprod(1.0 - betas.double(), dim=0)
+    return NoiseSchedule.from_alphas_cumprod(
+        alphas_cumprod, num_steps, timestep_spacing="leading", steps_offset=1, final_alpha_cumprod=None
+    )
+
+
+def final_alpha_bar(schedule: NoiseSchedule) -> float:
+    return float(schedule.alpha_bars_next[-1])
+
+
+class Correction(nn.Module):
+    """A small MLP ``(x, t) -> Δε``; its last layer starts at zero so the policy starts exact."""
+
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, num_train_timesteps: int = 1000):
+        super().__init__()
+        self.T = num_train_timesteps
+        self.freqs = (1.0, 2.0, 4.0, 8.0)
+        in_dim = dim + 2 + 2 * len(self.freqs)
+        layers: list[nn.Module] = []
+        width = in_dim
+        for _ in range(depth - 1):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        last = nn.Linear(width, dim)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.net = nn.Sequential(*layers, last)
+        self.to(DTYPE)
+
+    def features(self, x: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        s = t.to(DTYPE)[:, None] / self.T
+        ang = torch.cat([2 * math.pi * f * s for f in self.freqs], dim=1)
+        ab = alpha_bar[:, None]
+        return torch.cat([x, ab.sqrt(), (1 - ab).sqrt(), ang.sin(), ang.cos()], dim=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        return self.net(self.features(x, t, alpha_bar))
+
+
+class ToyPolicy(nn.Module):
+    """PolicyModel: ``ε_θ(x, t) = ε*(x, t) + MLP_θ(x, t)``; ``reference=True`` gives the exact ε*.
+
+    ``x`` is ``[N, d]``, ``t`` int64 diffusion timesteps ``[N]`` (or a scalar), ``cond`` is ignored.
+    The exact part keeps its graph with respect to ``x`` (lookahead gradients and reverse scores need it).
+    """
+
+    def __init__(self, mixture: GaussianMixture, schedule: NoiseSchedule, *, hidden: int = 128, depth: int = 3):
+        super().__init__()
+        self.mixture = mixture
+        self.schedule = schedule
+        self.correction = Correction(mixture.dim, hidden, depth, int(schedule.alphas_cumprod.shape[0]))
+
+    def alpha_bar(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.int64)
+        if t.dim() == 0:
+            t = t.expand(n)
+        return self.schedule.alphas_cumprod[t.cpu()].to(DTYPE)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None, *, reference: bool = False) -> torch.Tensor:
+        n = x.shape[0]
+        t = torch.as_tensor(t, dtype=torch.int64)
+        t = t.expand(n) if t.dim() == 0 else t
+        ab = self.alpha_bar(t, n)
+        xd = x.to(DTYPE)
+        out = self.mixture.eps(xd, ab)
+        if not reference:
+            out = out + self.correction(xd, t, ab)
+        return out.to(x.dtype)
+
+    def x0_hat(self, x: torch.Tensor, t: torch.Tensor, *, reference: bool) -> torch.Tensor:
+        n = x.shape[0]
+        ab = self.alpha_bar(t, n)[:, None]
+        return (x.to(DTYPE) - (1 - ab).sqrt() * self.eps(x, t, None, reference=reference).to(DTYPE)) / ab.sqrt()
+
+
+class ToyLookahead:
+    """Lookahead: raw (effective) reward of the predicted clean sample, and its gradient w.r.t. x.
+
+    ``value(x) = r(x̂0(x)) + prior_scale · log p(x)`` (see the module docstring); at terminal rows
+    ``x̂0(x) = x``. ``prior_scale`` may be changed between epochs (β annealing: keep it at 1/β_e).
+    """
+
+    def __init__(
+        self,
+        policy: ToyPolicy,
+        reward: ToyReward,
+        *,
+        model: str = "reference",
+        prior_scale: float = 0.0,
+        prior_flow: str = "marginal",
+    ):
+        if model not in LOOKAHEAD_MODELS:
+            raise ValueError(f"lookahead_model={model!r}; use one of {', '.join(LOOKAHEAD_MODELS)}")
+        if prior_flow not in PRIOR_FLOWS:
+            raise ValueError(f"prior_flow={prior_flow!r}; use one of {', '.join(PRIOR_FLOWS)}")
+        self.policy = policy
+        self.reward = reward
+        self.model = model
+        self.prior_scale = float(prior_scale)
+        self.prior_flow = prior_flow
+        self.final_mixture = policy.mixture.noised(final_alpha_bar(policy.schedule))
+
+    def _value(self, x: torch.Tensor, t: torch.Tensor, terminal: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        t = torch.as_tensor(t, dtype=torch.int64)
+        t = t.expand(n) if t.dim() == 0 else t
+        terminal = torch.as_tensor(terminal, dtype=torch.bool).expand(n)
+        xd = x.to(DTYPE)
+        x0 = self.policy.x0_hat(xd, t, reference=self.model == "reference")
+        x0 = torch.where(terminal[:, None], xd, x0)
+        value = self.reward(x0)
+        if self.prior_scale:
+            if self.prior_flow == "marginal":
+                ab = self.policy.alpha_bar(t, n)
+                logp = self.policy.mixture.log_prob(xd, ab)
+            else:
+                logp = self.final_mixture.log_prob(x0)
+            value = value + self.prior_scale * logp
+        return value
+
+    def log_reward(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None, *, terminal: Any = False) -> torch.Tensor:
+        with torch.no_grad():
+            return self._value(x.detach(), t, terminal).to(x.dtype)
+
+    def grad_log_reward(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None, *, terminal: Any = False) -> torch.Tensor:
+        with torch.enable_grad():
+            xg = x.detach().to(DTYPE).requires_grad_(True)
+            value = self._value(xg, t, terminal)
+            (g,) = torch.autograd.grad(value.sum(), xg)
+        return g.detach().to(x.dtype)
+
+    def terminal_reward(self, x: torch.Tensor) -> torch.Tensor:
+        """[N] effective reward of final states: ``r(x) + prior_scale · log p_f(x)``."""
+        with torch.no_grad():
+            xd = x.detach().to(DTYPE)
+            value = self.reward(xd)
+            if self.prior_scale:
+                value = value + self.prior_scale * self.final_mixture.log_prob(xd)
+        return value
+
+
+@torch.no_grad()
+def sample_chain(
+    policy: ToyPolicy,
+    n: int,
+    generator: torch.Generator | None = None,
+    *,
+    reference: bool = False,
+    eta: float = 1.0,
+    batch_size: int = 8192,
+) -> torch.Tensor:
+    """[n, d] final states of the ancestral sampler (DDPM / DDIM-η) with the policy or the exact model."""
+    sched = policy.schedule
+    d = policy.mixture.dim
+    out = []
+    for start in range(0, n, batch_size):
+        m = min(batch_size, n - start)
+        x = torch.randn(m, d, dtype=DTYPE, generator=generator)
+        for k in range(sched.num_steps):
+            t = sched.timesteps[k].expand(m)
+            eps = policy.eps(x, t, None, reference=reference)
+            kern = forward_kernel(x, eps, sched.alpha_bars[k], sched.alpha_bars_next[k], eta)
+            x = kern.sample(torch.randn(m, d, dtype=DTYPE, generator=generator))
+        out.append(x)
+    return torch.cat(out)
