@@ -1,0 +1,217 @@
+"""Shared pieces of the objectives: common options, the trust-region penalty, lookahead access.
+
+Every objective accepts these keyword options (validated with errors naming the field):
+
+* ``eta`` (1.0): DDIM eta of the forward kernel; must equal the sampler's.
+* ``log_prob_reduction`` (``"sum"`` for the GFlowNets): how log-densities (and, for the ∇ objectives,
+  their scores) are reduced over the D state dimensions. ``"mean"`` divides every log P_F / log P_B by
+  D (the authors' code); the balance conditions then hold for ``D * log P`` with log-reward
+  ``D * beta * r``, i.e. ``mean`` samples ∝ exp(D·β·r): the effective inverse temperature is β·D
+  (1.6e6 for SD1.5 at β = 100). Use ``sum`` with β/D to keep a ``mean``-tuned fixed point.
+* ``trust_region`` λ (0.0): adds ``λ · mean_dims(ε_θ(x_t) − ε_old(x_t))²`` per transition, where ε_old is
+  the guided eps recorded at sampling time (both papers' "unetreg"). It is always a per-dimension mean.
+* ``fraction`` / ``stratified`` / ``include_last``: transition selection, see
+  :mod:`gfnalign.sampling.subsample`.
+
+Lookahead values are RAW rewards r (and ∇_x r(x̂0(x))); objectives multiply by beta. Cached values on the
+batch (``lookahead_reward_t/_next``, ``lookahead_grad_t/_next``) are used when present; otherwise the
+``Lookahead`` is called, only on the rows that need it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gfnalign.core.batches import TrajectoryBatch, TransitionBatch
+from gfnalign.core.kernels import REDUCTIONS, GaussianKernel
+from gfnalign.core.protocols import Lookahead, PolicyModel
+from gfnalign.objectives.base import LossOutput, Objective
+from gfnalign.sampling.rollout import transition_kernel
+from gfnalign.sampling.subsample import select_transitions
+
+GAMMAS = ("one", "alpha_bar", "sqrt_alpha_bar")
+
+
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; use one of {', '.join(repr(a) for a in allowed)}")
+
+
+def check_nonneg(name: str, value: float) -> float:
+    value = float(value)
+    if not value >= 0:  # also rejects NaN
+        raise ValueError(f"{name}={value} must be a non-negative number")
+    return value
+
+
+def index_rows(value: Any, idx: torch.Tensor) -> Any:
+    """Rows ``idx`` of a cond-like value (tensor, list or None)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value[idx.to(value.device)]
+    if isinstance(value, list | tuple):
+        return [value[int(i)] for i in idx.tolist()]
+    raise TypeError(f"cannot index conditioning of type {type(value).__name__}")
+
+
+def mean_dims(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every non-batch dimension -> ``[N]``."""
+    return x.flatten(1).mean(dim=1)
+
+
+def state_dim(x: torch.Tensor) -> int:
+    return int(x[0].numel())
+
+
+def scatter_rows(mask: torch.Tensor, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like ``like`` that holds ``values`` at the rows of ``mask`` and zeros elsewhere
+    (differentiable in ``values``)."""
+    out = torch.zeros_like(like, dtype=values.dtype)
+    idx = mask.nonzero(as_tuple=True)[0]
+    return out.index_put((idx,), values)
+
+
+def apply_rows(fn: Any, mask: torch.Tensor, x: torch.Tensor, t: torch.Tensor, cond: Any, like: torch.Tensor,
+               **kwargs: Any) -> torch.Tensor:
+    """``fn(x[mask], t[mask], cond[mask], **kwargs)`` scattered back into zeros shaped like ``like``."""
+    if bool(mask.all()):
+        return fn(x, t, cond, **kwargs)
+    if not bool(mask.any()):
+        return torch.zeros_like(like)
+    idx = mask.nonzero(as_tuple=True)[0]
+    vals = fn(x[idx], t[idx], index_rows(cond, idx), **{k: v[idx] for k, v in kwargs.items()})
+    return scatter_rows(mask, vals.to(like.dtype), like)
+
+
+def gamma_weight(mode: str, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Forward-looking weight γ(ᾱ): ``one`` -> 1, ``alpha_bar`` -> ᾱ (the ∇-GFlowNet code's default
+    "squared" mode), ``sqrt_alpha_bar`` -> √ᾱ."""
+    if mode == "one":
+        return torch.ones_like(alpha_bar)
+    if mode == "alpha_bar":
+        return alpha_bar
+    if mode == "sqrt_alpha_bar":
+        return alpha_bar.sqrt()
+    raise ValueError(f"gamma={mode!r} is not allowed; use one of {', '.join(GAMMAS)}")
+
+
+def _need_lookahead(lookahead: Lookahead | None, what: str) -> Lookahead:
+    if lookahead is None:
+        raise ValueError(
+            f"this objective needs {what} but the batch has no cached values and lookahead=None; "
+            "pass a Lookahead or fill the batch's lookahead cache"
+        )
+    return lookahead
+
+
+def lookahead_reward(
+    lookahead: Lookahead | None, cached: torch.Tensor | None, x: torch.Tensor, t: torch.Tensor, cond: Any,
+    terminal: torch.Tensor, rows: torch.Tensor,
+) -> torch.Tensor:
+    """Raw r(x̂0(x)) ``[N]`` (detached) on ``rows`` (zeros elsewhere), from the cache when present."""
+    like = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    if cached is not None:
+        return torch.where(rows, cached.to(like), like).detach()
+    la = _need_lookahead(lookahead, "lookahead rewards r(x̂0(x))")
+    with torch.no_grad():
+        out = apply_rows(lambda xx, tt, cc, terminal: la.log_reward(xx, tt, cc, terminal=terminal),
+                         rows, x, t, cond, like, terminal=terminal)
+    return out.to(like).detach()
+
+
+def lookahead_grad(
+    lookahead: Lookahead | None, cached: torch.Tensor | None, x: torch.Tensor, t: torch.Tensor, cond: Any,
+    terminal: torch.Tensor, rows: torch.Tensor,
+) -> torch.Tensor:
+    """Raw ∇_x r(x̂0(x)) like x (detached) on ``rows`` (zeros elsewhere), from the cache when present."""
+    if cached is not None:
+        m = rows.reshape(-1, *([1] * (x.dim() - 1)))
+        return torch.where(m, cached.to(x), torch.zeros_like(x)).detach()
+    la = _need_lookahead(lookahead, "reward gradients ∇r(x̂0(x))")
+    out = apply_rows(lambda xx, tt, cc, terminal: la.grad_log_reward(xx, tt, cc, terminal=terminal),
+                     rows, x.detach(), t, cond, x, terminal=terminal)
+    return out.to(x).detach()
+
+
+def check_terminal_reward(batch: TransitionBatch) -> None:
+    bad = batch.is_last & ~torch.isfinite(batch.reward)
+    if bool(bad.any()):
+        raise ValueError(
+            f"batch.reward is NaN/inf for {int(bad.sum())} terminal transitions; the trainer must fill "
+            "traj.reward with finite rewards before selecting transitions"
+        )
+
+
+class TransitionObjective(Objective):
+    """Base for objectives trained on individual transitions; holds the common options."""
+
+    default_reduction = "sum"
+    default_fraction = 1.0
+    default_stratified = False
+
+    def __init__(
+        self,
+        *,
+        eta: float = 1.0,
+        log_prob_reduction: str | None = None,
+        trust_region: float = 0.0,
+        fraction: float | None = None,
+        stratified: bool | None = None,
+        include_last: bool = True,
+    ):
+        super().__init__()
+        if not float(eta) > 0:
+            raise ValueError(f"eta={eta} must be > 0 (the kernels need a density; 1.0 = DDPM)")
+        self.eta = float(eta)
+        self.log_prob_reduction = self.default_reduction if log_prob_reduction is None else log_prob_reduction
+        check_choice("log_prob_reduction", self.log_prob_reduction, REDUCTIONS)
+        self.trust_region = check_nonneg("trust_region", trust_region)
+        self.fraction = self.default_fraction if fraction is None else float(fraction)
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"fraction={self.fraction} must be in (0, 1]")
+        self.stratified = self.default_stratified if stratified is None else bool(stratified)
+        self.include_last = bool(include_last)
+
+    # -- hooks the trainer calls ----------------------------------------------------------------------
+    def select_transitions(self, traj: TrajectoryBatch, generator: torch.Generator | None = None) -> TransitionBatch:
+        return select_transitions(
+            traj, fraction=self.fraction, stratified=self.stratified, include_last=self.include_last,
+            generator=generator,
+        )
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def policy_kernel(
+        self, policy: PolicyModel, batch: TransitionBatch, *, reference: bool = False, x_t: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, GaussianKernel]:
+        return transition_kernel(policy, batch, eta=self.eta, reference=reference, x_t=x_t)
+
+    def trust_region_term(self, eps: torch.Tensor, batch: TransitionBatch) -> torch.Tensor:
+        """``λ · mean_dims(ε_θ − ε_old)²`` ``[N]`` (zeros when λ = 0)."""
+        if self.trust_region == 0.0:
+            return torch.zeros(eps.shape[0], dtype=eps.dtype, device=eps.device)
+        return self.trust_region * mean_dims((eps - batch.eps_old.to(eps)) ** 2)
+
+    def reduction_scale(self, x: torch.Tensor) -> float:
+        """1 for ``sum``; 1/D for ``mean`` (applied to log-densities and their scores)."""
+        return 1.0 if self.log_prob_reduction == "sum" else 1.0 / state_dim(x)
+
+    @staticmethod
+    def output(per_transition: torch.Tensor, residual: torch.Tensor, terms: dict[str, torch.Tensor],
+               extra: dict[str, float] | None = None) -> LossOutput:
+        """Mean over transitions; ``terms`` are ``[N]`` tensors logged as ``loss/<name>`` means."""
+        loss = per_transition.mean()
+        metrics = {"loss/total": float(loss.detach())}
+        for name, value in terms.items():
+            metrics[f"loss/{name}"] = float(value.detach().mean())
+        metrics["residual/abs_mean"] = float(residual.detach().abs().mean())
+        if extra:
+            metrics.update(extra)
+        return LossOutput(loss=loss, residual=residual.detach(), metrics=metrics)
+
+
+def approx_kl(log_pf: torch.Tensor, log_pf_old: torch.Tensor) -> float:
+    """DDPO's ``mean ½(log π − log π_old)²``."""
+    return float((0.5 * (log_pf.detach() - log_pf_old.to(log_pf)) ** 2).mean())
