@@ -14,8 +14,8 @@ import torch
 
 
 def _index(value: Any, idx: torch.Tensor) -> Any:
-    if value is None:
-        return None
+    if value is None or isinstance(value, str):  # per-batch metadata, not per-row data
+        return value
     if isinstance(value, torch.Tensor):
         return value[idx.to(value.device)]
     if isinstance(value, list | tuple):
@@ -51,6 +51,8 @@ class TrajectoryBatch:
         lookahead_reward: [B, K+1] optional cached r(x0_hat) at every state (the last entry is the reward).
         advantage: [B] optional per-trajectory advantage (DDPO), filled by an objective's ``prepare``.
         prompts: optional list of B prompt strings (for logging and rewards).
+        log_prob_reduction: optional, how ``log_pf`` was reduced (``"sum"`` / ``"mean"``); objectives use it
+            to convert ``log_pf_old`` to their own reduction (``None``: assumed to match).
     """
 
     states: torch.Tensor
@@ -64,6 +66,7 @@ class TrajectoryBatch:
     lookahead_reward: torch.Tensor | None = None
     advantage: torch.Tensor | None = None
     prompts: list[str] | None = field(default=None, compare=False)
+    log_prob_reduction: str | None = None
 
     def __post_init__(self) -> None:
         B, K1 = self.states.shape[:2]
@@ -124,6 +127,7 @@ class TrajectoryBatch:
             lookahead_reward_t=None if la is None else la[traj_idx, slot],
             lookahead_reward_next=None if la is None else la[traj_idx, slot + 1],
             advantage=None if self.advantage is None else self.advantage[traj_idx],
+            log_prob_reduction=self.log_prob_reduction,
         )
 
 
@@ -143,6 +147,7 @@ class TransitionBatch:
         lookahead_reward_t / _next: [N] optional cached r(x0_hat) at x_t / x_next.
         lookahead_grad_t / _next: [N, ...] optional cached ∇r(x0_hat) at x_t / x_next.
         advantage: [N] optional per-trajectory advantage (DDPO).
+        log_prob_reduction: optional, how ``log_pf_old`` was reduced (``None``: assumed to match the objective).
     """
 
     x_t: torch.Tensor
@@ -160,6 +165,7 @@ class TransitionBatch:
     lookahead_grad_t: torch.Tensor | None = None
     lookahead_grad_next: torch.Tensor | None = None
     advantage: torch.Tensor | None = None
+    log_prob_reduction: str | None = None
 
     def __post_init__(self) -> None:
         N = self.x_t.shape[0]

@@ -2,15 +2,23 @@
 
 from gfnalign.objectives.base import REGISTRY, LossOutput, Objective, build_objective, register
 from gfnalign.objectives.dag_db import DAGDB
+from gfnalign.objectives.dag_kl import DAGKL
+from gfnalign.objectives.ddpo import DDPO
 from gfnalign.objectives.heads import make_flow_score_head, make_log_flow_head
+from gfnalign.objectives.nabla_db import NablaDB
 from gfnalign.objectives.residual_nabla_db import ResidualNablaDB
+from gfnalign.objectives.reward_backprop import RewardBackprop
 
 __all__ = [
     "DAGDB",
+    "DAGKL",
+    "DDPO",
     "REGISTRY",
     "LossOutput",
+    "NablaDB",
     "Objective",
     "ResidualNablaDB",
+    "RewardBackprop",
     "build_objective",
     "make_flow_score_head",
     "make_log_flow_head",

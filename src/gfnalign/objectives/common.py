@@ -194,6 +194,16 @@ class TransitionObjective(Objective):
             return torch.zeros(eps.shape[0], dtype=eps.dtype, device=eps.device)
         return self.trust_region * mean_dims((eps - batch.eps_old.to(eps)) ** 2)
 
+    def old_log_pf(self, batch: TransitionBatch, like: torch.Tensor) -> torch.Tensor:
+        """``batch.log_pf_old`` converted to this objective's reduction (exact: mean = sum / D) when the
+        batch says how it was reduced."""
+        old = batch.log_pf_old.to(like)
+        rec = batch.log_prob_reduction
+        if rec is None or rec == self.log_prob_reduction:
+            return old
+        D = state_dim(batch.x_t)
+        return old / D if self.log_prob_reduction == "mean" else old * D
+
     def reduction_scale(self, x: torch.Tensor) -> float:
         """1 for ``sum``; 1/D for ``mean`` (applied to log-densities and their scores)."""
         return 1.0 if self.log_prob_reduction == "sum" else 1.0 / state_dim(x)

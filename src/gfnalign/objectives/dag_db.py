@@ -124,7 +124,7 @@ class DAGDB(TransitionObjective):
         delta = log_f_t + log_pf - log_pb.detach() - log_f_next
         metrics = {
             "flow/log_flow_t_mean": float(log_f_t.detach().mean()),
-            "policy/approx_kl": approx_kl(log_pf, batch.log_pf_old),
+            "policy/approx_kl": approx_kl(log_pf, self.old_log_pf(batch, log_pf)),
             "policy/log_pf_mean": float(log_pf.detach().mean()),
         }
         return delta, log_pf, eps, metrics

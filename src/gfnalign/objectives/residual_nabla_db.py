@@ -126,5 +126,5 @@ class ResidualNablaDB(ScoreBalanceObjective):
         tr = self.trust_region_term(eps, batch)
         terms["trust_region"] = tr
         log_pf = kernel.log_prob(x_next, self.log_prob_reduction)
-        metrics = {"policy/approx_kl": approx_kl(log_pf, batch.log_pf_old)}
+        metrics = {"policy/approx_kl": approx_kl(log_pf, self.old_log_pf(batch, log_pf))}
         return self.output(per + tr, residual, terms, metrics)

@@ -113,6 +113,7 @@ def rollout(
         prompt_id=arange.clone() if prompt_id is None else torch.as_tensor(prompt_id, dtype=torch.int64, device=device),
         traj_id=arange.clone() if traj_id is None else torch.as_tensor(traj_id, dtype=torch.int64, device=device),
         prompts=prompts,
+        log_prob_reduction=reduction,
     )
 
 
