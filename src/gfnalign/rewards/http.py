@@ -1,0 +1,316 @@
+"""A reward behind HTTP: the client (:class:`HttpReward`) and a small reference server (stdlib only).
+
+Wire format (never pickle):
+
+* ``POST <url>`` with either
+  - ``format="png"`` (default): ``Content-Type: application/json``, body
+    ``{"prompts": [str, ...], "images": [base64 PNG, ...]}`` (8-bit RGB, ``round(255 x)``), or
+  - ``format="safetensors"``: ``Content-Type: application/x-safetensors``, body a safetensors file holding
+    ``images`` (float32 ``[N,3,H,W]`` in [0,1], lossless) with the prompts as JSON in its metadata
+    (``__metadata__["prompts"]``).
+* Answer ``200 {"scores": [float, ...]}``; errors are ``{"error": message, "kind": "input"|"output"|"server"}``
+  with status 400 (bad request), 422 (the reward produced unusable scores) or 500.
+* ``GET /health`` -> ``{"status": "ok"}``; ``GET /info`` -> the reward's name, inputs, differentiable flag.
+
+The client retries connection failures, timeouts and 502/503/504 with exponential backoff
+(``backoff * 2**k``, capped at ``max_backoff``) and then raises :class:`RewardServerError` naming the URL.
+A 422 becomes :class:`RewardOutputError` (the trainer skips the step); other 4xx/5xx raise at once.
+
+Serve any reward with ``gfnalign rewards serve --reward NAME --port P`` (loopback only unless --host says so).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import torch
+
+from gfnalign.rewards.base import Reward, RewardOutputError, check_inputs
+
+FORMATS = ("png", "safetensors")
+SAFETENSORS_CONTENT_TYPE = "application/x-safetensors"
+RETRY_STATUS = (502, 503, 504)
+
+
+class RewardServerError(RuntimeError):
+    """The reward server could not be reached (after retries) or answered with an error."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# encoding
+
+
+def encode_png(images: torch.Tensor) -> list[str]:
+    """[N,3,H,W] in [0,1] -> base64 PNG strings (8-bit RGB)."""
+    from PIL import Image
+
+    arrs = (images.detach() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = []
+    for arr in arrs:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+    return out
+
+
+def decode_png(items: list[str]) -> torch.Tensor:
+    """base64 PNG strings (all the same size) -> [N,3,H,W] float32 in [0,1]."""
+    import numpy as np
+    from PIL import Image
+
+    arrs = []
+    for i, item in enumerate(items):
+        try:
+            img = Image.open(io.BytesIO(base64.b64decode(item, validate=True)))
+            img.load()
+        except Exception as err:  # noqa: BLE001 - any decode failure is the client's fault
+            raise ValueError(f"images[{i}] is not a base64-encoded PNG ({err})") from err
+        arrs.append(np.asarray(img.convert("RGB")))
+    if len({a.shape for a in arrs}) > 1:
+        raise ValueError(f"all images must have the same size, got {sorted({a.shape for a in arrs})}")
+    if not arrs:
+        return torch.zeros(0, 3, 1, 1)
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float().div(255.0)
+
+
+def encode_safetensors(images: torch.Tensor, prompts: list[str]) -> bytes:
+    from safetensors.torch import save
+
+    tensor = images.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    return save({"images": tensor}, metadata={"prompts": json.dumps(prompts)})
+
+
+def decode_safetensors(body: bytes) -> tuple[torch.Tensor, list[str]]:
+    from safetensors.torch import load
+
+    if len(body) < 8:
+        raise ValueError("body too short to be a safetensors file")
+    (header_len,) = struct.unpack("<Q", body[:8])
+    if header_len > len(body) - 8:
+        raise ValueError("corrupt safetensors header length")
+    header = json.loads(body[8 : 8 + header_len])
+    metadata = header.get("__metadata__") or {}
+    if "prompts" not in metadata:
+        raise ValueError("safetensors metadata must hold the prompts as JSON under 'prompts'")
+    prompts = json.loads(metadata["prompts"])
+    tensors = load(body)
+    if "images" not in tensors:
+        raise ValueError(f"safetensors body must hold a tensor named 'images', got {sorted(tensors)}")
+    return tensors["images"].float(), prompts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# client
+
+
+class HttpReward(Reward):
+    """Scores images by POSTing them to a reward server. Black-box: no gradient."""
+
+    differentiable = False
+    inputs = "image+prompt"
+
+    def __init__(
+        self,
+        *,
+        url: str = "http://127.0.0.1:8765/score",
+        format: str = "png",
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        max_backoff: float = 8.0,
+        name: str | None = None,
+        headers: dict[str, str] | None = None,
+        device=None,
+    ):
+        super().__init__(device="cpu")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"http reward: url must start with http:// or https://, got {url!r}")
+        if format not in FORMATS:
+            raise ValueError(f"http reward: format must be one of {FORMATS}, got {format!r}")
+        if not (isinstance(retries, int) and retries >= 0):
+            raise ValueError(f"http reward: retries must be an int >= 0, got {retries!r}")
+        if not (timeout > 0 and backoff >= 0 and max_backoff >= 0):
+            raise ValueError("http reward: timeout must be > 0 and backoff/max_backoff >= 0")
+        self.url = url
+        self.format = format
+        self.timeout = float(timeout)
+        self.retries = retries
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self.headers = dict(headers or {})
+        self.name = name or f"http:{url}"
+
+    def _request(self, images: torch.Tensor, prompts: list[str]) -> urllib.request.Request:
+        if self.format == "png":
+            body = json.dumps({"prompts": prompts, "images": encode_png(images)}).encode("utf-8")
+            ctype = "application/json"
+        else:
+            body = encode_safetensors(images, prompts)
+            ctype = SAFETENSORS_CONTENT_TYPE
+        headers = {"Content-Type": ctype, "Accept": "application/json", **self.headers}
+        return urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        request = self._request(images, prompts)
+        attempts = self.retries + 1
+        last_error = "no attempt made"
+        start = time.monotonic()
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+                    payload = resp.read()
+                break
+            except urllib.error.HTTPError as err:
+                message = _error_message(err)
+                if err.code in RETRY_STATUS:
+                    last_error = f"HTTP {err.code}: {message}"
+                    continue
+                if err.code == 422:
+                    raise RewardOutputError(self.name, f"server at {self.url} said: {message}") from None
+                raise RewardServerError(
+                    f"reward server at {self.url} rejected the request (HTTP {err.code}): {message}"
+                ) from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
+                reason = getattr(err, "reason", err)
+                last_error = f"{type(reason).__name__}: {reason}"
+        else:
+            raise RewardServerError(
+                f"reward server at {self.url} did not answer after {attempts} attempt(s) over "
+                f"{time.monotonic() - start:.1f} s (last error: {last_error}). Is it running? Start one with "
+                "`gfnalign rewards serve --reward NAME --port PORT`, or check url/timeout/retries."
+            )
+        try:
+            data = json.loads(payload)
+        except json.JSONDecodeError as err:
+            raise RewardOutputError(self.name, f"server at {self.url} sent invalid JSON ({err})") from None
+        if not isinstance(data, dict) or "scores" not in data:
+            raise RewardOutputError(self.name, f"server answer must be a JSON object with 'scores', got {str(data)[:200]}")
+        scores = data["scores"]
+        if not isinstance(scores, list) or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
+            raise RewardOutputError(self.name, f"'scores' must be a list of numbers, got {str(scores)[:200]}")
+        return torch.tensor(scores, dtype=torch.float32).reshape(-1)
+
+
+def _error_message(err: urllib.error.HTTPError) -> str:
+    try:
+        body = err.read()
+        data = json.loads(body)
+        return str(data.get("error", body[:500]))
+    except Exception:  # noqa: BLE001
+        return str(err.reason)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reference server
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: RewardHTTPServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+    def _send(self, status: int, payload: dict[str, Any]) -> None:
+        body = json.dumps(payload).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802
+        path = self.path.split("?")[0].rstrip("/")
+        if path in ("", "/health"):
+            self._send(200, {"status": "ok", "reward": self.server.reward.name})
+        elif path == "/info":
+            self._send(200, self.server.reward.info())
+        else:
+            self._send(404, {"error": f"unknown path {self.path!r}; use POST /score, GET /health or GET /info", "kind": "input"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            length = -1
+        if length <= 0:
+            self._send(411, {"error": "a POST needs a Content-Length header and a body", "kind": "input"})
+            return
+        if length > self.server.max_body_bytes:
+            self._send(413, {"error": f"body of {length} bytes exceeds the limit {self.server.max_body_bytes}", "kind": "input"})
+            return
+        body = self.rfile.read(length)
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+        try:
+            if ctype == SAFETENSORS_CONTENT_TYPE:
+                images, prompts = decode_safetensors(body)
+            else:
+                data = json.loads(body)
+                if not isinstance(data, dict) or "images" not in data or "prompts" not in data:
+                    raise ValueError("JSON body must be an object with 'images' (base64 PNGs) and 'prompts'")
+                images, prompts = decode_png(list(data["images"])), data["prompts"]
+            prompts = check_inputs(images, prompts, self.server.reward.name)
+        except (ValueError, TypeError) as err:
+            self._send(400, {"error": str(err), "kind": "input"})
+            return
+        try:
+            with self.server.lock, torch.no_grad():
+                scores = self.server.reward(images, prompts)
+        except RewardOutputError as err:
+            self._send(422, {"error": str(err), "kind": "output"})
+            return
+        except (ValueError, TypeError) as err:
+            self._send(400, {"error": str(err), "kind": "input"})
+            return
+        except Exception as err:  # noqa: BLE001 - report, keep serving
+            self._send(500, {"error": f"{type(err).__name__}: {err}", "kind": "server"})
+            return
+        self._send(200, {"scores": [float(s) for s in scores.detach().cpu().tolist()]})
+
+
+class RewardHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, reward: Reward, host: str, port: int, *, max_body_mb: float = 512, verbose: bool = False):
+        self.reward = reward
+        self.lock = threading.Lock()
+        self.max_body_bytes = int(max_body_mb * 2**20)
+        self.verbose = verbose
+        super().__init__((host, port), _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/score"
+
+
+def make_reward_server(
+    reward: Reward | str | dict, host: str = "127.0.0.1", port: int = 0, **kwargs: Any
+) -> RewardHTTPServer:
+    """A server for ``reward`` bound to ``host:port`` (port 0 picks a free one; see ``server.url``).
+
+    Call ``serve_forever()`` (or run it in a thread) and ``shutdown()``/``server_close()`` to stop.
+    """
+    from gfnalign.rewards.registry import build_reward
+
+    return RewardHTTPServer(build_reward(reward), host, port, **kwargs)
+
+
+def start_server_thread(reward: Reward | str | dict, host: str = "127.0.0.1", port: int = 0, **kwargs: Any):
+    """Start a server in a daemon thread; returns ``(server, thread)``. Stop with ``server.shutdown()``."""
+    server = make_reward_server(reward, host, port, **kwargs)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    return server, thread
