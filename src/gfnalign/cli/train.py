@@ -1,0 +1,71 @@
+"""``gfnalign train --config FILE [--set k=v ...] [--out DIR] [--resume latest|PATH]``.
+
+Works as is under ``accelerate launch -m gfnalign train ...`` and ``torchrun --nproc_per_node N -m gfnalign
+train ...``: every process runs this command; rank 0 writes the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (see `gfnalign list` for presets; a preset name also works). "
+                                    "With --resume and no --config, the run's own config.yaml is used")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set training.epochs=3 --set method.options.trust_region=1.0")
+    p.add_argument("--out", help="run directory (default: runs/<run_name>)")
+    p.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint of --out, or a folder")
+    p.add_argument("--stop-after-updates", type=int, default=None,
+                   help="behave as if interrupted after N optimiser updates (save a checkpoint and exit; for tests)")
+    p.add_argument("--validate-only", action="store_true", help="check the config and exit without loading models")
+
+
+def resolve_config_path(value: str) -> Path:
+    path = Path(value)
+    if path.is_file():
+        return path
+    from gfnalign.cli.listing import find_preset
+
+    preset = find_preset(value)
+    return preset if preset is not None else path
+
+
+def run(args: argparse.Namespace) -> int:
+    from gfnalign.training.config import ConfigError, TrainConfig
+
+    out = Path(args.out) if args.out else None
+    try:
+        if args.config:
+            cfg = TrainConfig.load(resolve_config_path(args.config), args.overrides)
+        elif args.resume and out is not None and (out / "config.yaml").is_file():
+            cfg = TrainConfig.load(out / "config.yaml", args.overrides)
+        else:
+            print("gfnalign train: --config FILE is required (or --out RUN --resume latest for an existing run)",
+                  file=sys.stderr)
+            return 2
+    except ConfigError as err:
+        print(f"gfnalign train: config error: {err}", file=sys.stderr)
+        return 2
+    if args.validate_only:
+        print("config OK")
+        return 0
+    run_dir = out if out is not None else Path("runs") / cfg.run_name
+    if not args.resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        print(f"gfnalign train: {run_dir} already holds checkpoints; pass --resume latest to continue it or "
+              "choose another --out", file=sys.stderr)
+        return 2
+
+    from gfnalign.training.trainer import BadRewardError, NanLossError, Trainer
+
+    trainer = Trainer(cfg, run_dir, resume=args.resume, stop_after_updates=args.stop_after_updates)
+    try:
+        return trainer.train()
+    except (NanLossError, BadRewardError) as err:
+        print(f"gfnalign train: stopped: {err}", file=sys.stderr)
+        return 1
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"gfnalign train: {err}", file=sys.stderr)
+        return 2

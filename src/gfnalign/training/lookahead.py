@@ -1,0 +1,209 @@
+"""The forward-looking reward r(decode(x0_hat(x))) that the objectives see through ``core.Lookahead``.
+
+``RewardLookahead`` glues a backbone (``predict_x0``, ``decode``) to a reward (``reward(images, prompts)``):
+
+* ``log_reward(x, t, cond, terminal)``: raw reward of the predicted clean image, no gradient. Terminal
+  states use x itself (x0_hat(x) = x). x0_hat comes from ``model: policy | reference`` (the reference is
+  the pretrained network, adapters off) and is CFG-guided when ``guided``.
+* ``grad_log_reward``: ∇_x r(decode(x0_hat(x))) by autograd through the reward, the decoder and the
+  x0_hat network (only with respect to x; no parameter gradient is accumulated); detached result.
+
+Rewards take prompt strings, while objectives pass the encoded conditioning. The trainer registers the
+epoch's prompts with :meth:`RewardLookahead.set_prompts`; each conditioning row is matched back to its
+prompt by exact (else nearest) equality of the encoded tensors.
+
+``cache_trajectory`` implements ``lookahead: cached``: r(x0_hat) of every recorded state computed once
+at sampling time, from the x0_hat the rollout already produced (guided eps of the behaviour policy), or
+with one extra no-grad pass of the reference network per state when ``model: reference``. In ``recompute``
+mode (the authors' DAG code) the objectives call :meth:`log_reward` per transition with the current policy.
+
+:class:`Counters` counts network evaluations (rows) for the throughput benchmark.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from gfnalign.core.batches import TrajectoryBatch
+from gfnalign.core.parametrization import eps_to_x0
+
+
+@dataclass
+class Counters:
+    """Rows processed by each network since the last reset (a CFG pass counts as one row per image)."""
+
+    unet: int = 0
+    unet_reference: int = 0
+    decode: int = 0
+    reward: int = 0
+    reward_grad: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def as_metrics(self, prefix: str = "nfe/") -> dict[str, float]:
+        out = {f"{prefix}unet": float(self.unet), f"{prefix}unet_reference": float(self.unet_reference),
+               f"{prefix}decode": float(self.decode), f"{prefix}reward": float(self.reward),
+               f"{prefix}reward_grad": float(self.reward_grad)}
+        out.update({f"{prefix}{k}": float(v) for k, v in self.extra.items()})
+        return out
+
+    def reset(self) -> None:
+        self.unet = self.unet_reference = self.decode = self.reward = self.reward_grad = 0
+        self.extra.clear()
+
+
+class CountingPolicy:
+    """Wraps a backbone so every ``eps`` / ``predict_x0`` / ``decode`` call is counted; all else delegates."""
+
+    def __init__(self, backbone: Any, counters: Counters) -> None:
+        object.__setattr__(self, "_backbone", backbone)
+        object.__setattr__(self, "_counters", counters)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backbone, name)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Any, *, reference: bool = False, **kw: Any) -> torch.Tensor:
+        self._count(x, reference)
+        return self._backbone.eps(x, t, cond, reference=reference, **kw)
+
+    def predict_x0(self, x: torch.Tensor, t: torch.Tensor, cond: Any, *, reference: bool = False, **kw: Any) -> torch.Tensor:
+        self._count(x, reference)
+        return self._backbone.predict_x0(x, t, cond, reference=reference, **kw)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        self._counters.decode += int(latents.shape[0])
+        return self._backbone.decode(latents)
+
+    def _count(self, x: torch.Tensor, reference: bool) -> None:
+        if reference:
+            self._counters.unet_reference += int(x.shape[0])
+        else:
+            self._counters.unet += int(x.shape[0])
+
+
+class RewardLookahead:
+    """``core.Lookahead`` over a backbone and a reward. See the module docstring."""
+
+    def __init__(
+        self,
+        backbone: Any,
+        reward: Any,
+        *,
+        model: str = "reference",
+        guided: bool = True,
+        counters: Counters | None = None,
+        chunk_size: int = 64,
+    ) -> None:
+        if model not in ("policy", "reference"):
+            raise ValueError(f"lookahead.model={model!r} is not allowed; use policy or reference")
+        self.backbone = backbone
+        self.reward = reward
+        self.model = model
+        self.guided = guided
+        self.counters = counters if counters is not None else Counters()
+        self.chunk_size = chunk_size
+        self._cond_table: torch.Tensor | None = None
+        self._prompt_table: list[str] = []
+
+    # -- prompt bookkeeping ----------------------------------------------------------------------------
+    def set_prompts(self, cond: torch.Tensor | None, prompts: list[str]) -> None:
+        """Register encoded prompts ``cond`` ([P, ...]) and their strings, so rows can be matched back."""
+        uniq: dict[str, int] = {}
+        rows = []
+        for i, p in enumerate(prompts):
+            if p not in uniq:
+                uniq[p] = len(uniq)
+                rows.append(i)
+        self._prompt_table = list(uniq)
+        self._cond_table = None if cond is None else cond[rows].detach().flatten(1).float()
+
+    def prompts_for(self, cond: torch.Tensor | None, n: int) -> list[str]:
+        if not self._prompt_table:
+            return [""] * n
+        if cond is None or self._cond_table is None or len(self._prompt_table) == 1:
+            return [self._prompt_table[0]] * n
+        flat = cond.detach().flatten(1).float().to(self._cond_table.device)
+        dist = torch.cdist(flat, self._cond_table)
+        return [self._prompt_table[int(i)] for i in dist.argmin(dim=1).tolist()]
+
+    # -- x0_hat ---------------------------------------------------------------------------------------
+    def _x0(self, x: torch.Tensor, t: torch.Tensor, cond: Any, terminal: torch.Tensor) -> torch.Tensor:
+        x0 = self.backbone.predict_x0(x, t, cond, reference=self.model == "reference", guided=self.guided)
+        self._count_unet(x.shape[0])
+        term = terminal.to(x.device).reshape(-1, *([1] * (x.dim() - 1)))
+        return torch.where(term, x, x0)
+
+    def _count_unet(self, n: int) -> None:
+        if self.model == "reference":
+            self.counters.unet_reference += int(n)
+        else:
+            self.counters.unet += int(n)
+
+    def score_images(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        self.counters.reward += int(images.shape[0])
+        return self.reward(images, prompts)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        self.counters.decode += int(latents.shape[0])
+        return self.backbone.decode(latents)
+
+    # -- the Lookahead protocol -----------------------------------------------------------------------
+    @torch.no_grad()
+    def log_reward(self, x: torch.Tensor, t: torch.Tensor, cond: Any, *, terminal: torch.Tensor) -> torch.Tensor:
+        out = []
+        for s in range(0, x.shape[0], self.chunk_size):
+            sl = slice(s, s + self.chunk_size)
+            c = None if cond is None else cond[sl]
+            x0 = self._x0(x[sl], t[sl], c, terminal[sl])
+            r = self.score_images(self.decode(x0).float(), self.prompts_for(c, x0.shape[0]))
+            out.append(torch.as_tensor(r, dtype=torch.float32, device=x.device).reshape(-1))
+        return torch.cat(out) if out else x.new_zeros(0)
+
+    def grad_log_reward(self, x: torch.Tensor, t: torch.Tensor, cond: Any, *, terminal: torch.Tensor) -> torch.Tensor:
+        if not getattr(self.reward, "differentiable", False):
+            name = getattr(self.reward, "name", type(self.reward).__name__)
+            raise ValueError(
+                f"reward {name!r} is not differentiable, but this method needs ∇r; use a differentiable "
+                "reward (e.g. digit-alignment, ink, aesthetic) or a gradient-free method (dag-db, dag-kl, ddpo)"
+            )
+        grads = []
+        for s in range(0, x.shape[0], self.chunk_size):
+            sl = slice(s, s + self.chunk_size)
+            c = None if cond is None else cond[sl]
+            with torch.enable_grad():
+                xs = x[sl].detach().requires_grad_(True)
+                x0 = self._x0(xs, t[sl], c, terminal[sl])
+                images = self.decode(x0).float()
+                r = self.reward(images, self.prompts_for(c, xs.shape[0]))
+                self.counters.reward_grad += int(xs.shape[0])
+                (g,) = torch.autograd.grad(r.sum(), xs)
+            grads.append(g.detach())
+        return torch.cat(grads) if grads else torch.zeros_like(x)
+
+    # -- lookahead: cached ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def cache_trajectory(self, traj: TrajectoryBatch) -> TrajectoryBatch:
+        """Fill ``traj.lookahead_reward`` ([B, K+1]) from the recorded states; the last column is the reward."""
+        B, K = traj.batch_size, traj.num_steps
+        schedule = self.backbone.schedule
+        prompts = traj.prompts or self.prompts_for(traj.cond, B)
+        values = torch.empty(B, K + 1, dtype=torch.float32, device=traj.states.device)
+        for k in range(K):
+            step = int(traj.steps[k])
+            x = traj.states[:, k]
+            if self.model == "policy" and self.guided:
+                ab = schedule.alpha_bars[step].to(dtype=x.dtype, device=x.device)
+                x0 = eps_to_x0(x, traj.eps[:, k].to(x.dtype), ab)  # the rollout's own guided x0_hat
+            else:
+                t = schedule.timesteps[step].repeat(B).to(x.device)
+                x0 = self.backbone.predict_x0(x, t, traj.cond, reference=self.model == "reference",
+                                              guided=self.guided)
+                self._count_unet(B)
+            for s in range(0, B, self.chunk_size):
+                sl = slice(s, s + self.chunk_size)
+                r = self.score_images(self.decode(x0[sl]).float(), prompts[sl])
+                values[sl, k] = torch.as_tensor(r, dtype=torch.float32, device=values.device).reshape(-1)
+        values[:, K] = traj.reward.to(values)
+        return replace(traj, lookahead_reward=values)

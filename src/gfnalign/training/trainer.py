@@ -1,0 +1,757 @@
+"""The trainer: sample -> reward -> prepare -> select transitions -> micro-batches -> update, per epoch.
+
+One epoch (DESIGN.md §9)::
+
+    beta = schedule(epoch)
+    reseed torch/python/numpy from (seed, rank, epoch)          # per-rank seeds differ
+    for each of `batches_per_epoch` batches: draw prompts, encode, rollout (no grad), decode, reward
+        (lookahead: cached -> r(x0_hat) of every state, once)
+    any NaN/inf reward or RewardOutputError on any rank -> the epoch's updates are skipped and counted
+    traj = objective.prepare(traj); batch = objective.select_transitions(traj, generator); shuffle
+    for each update: for each of `grad_accum` micro-batches: loss = objective(mb, policy, lookahead, beta)
+        (loss / n_micro).backward()
+        all-reduce gradients (mean over ranks), clip each parameter group separately, AdamW step
+
+The trainer never branches on the objective type. Gradients are all-reduced by hand once per update (no
+DDP wrapper: the objective calls the policy however it likes), so ranks stay bit-identical.
+
+Exact resume. Every epoch reseeds all RNGs from (seed, rank, epoch) and draws its noise from explicit
+generators, so a checkpoint at an epoch boundary needs only weights, optimiser, step and counters; a
+mid-epoch checkpoint (SIGINT/SIGTERM) also stores the epoch's selected transitions, the position and the
+RNG states, so `--resume latest` continues bit-exactly on a single CPU process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gfnalign.core.batches import TrajectoryBatch, TransitionBatch
+from gfnalign.training import checkpoint as ckpt
+from gfnalign.training.build import Components, build_components
+from gfnalign.training.config import TrainConfig
+from gfnalign.training.lookahead import CountingPolicy, Counters, RewardLookahead
+
+
+class NanLossError(RuntimeError):
+    """Too many non-finite losses in a row; the last checkpoint is left intact."""
+
+
+class BadRewardError(RuntimeError):
+    """A reward was NaN/inf or malformed and ``reliability.on_bad_reward: stop``."""
+
+
+def derive_seed(*parts: Any) -> int:
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def beta_at(cfg: TrainConfig, epoch: int) -> float:
+    """Inverse temperature for ``epoch`` (0-based). ``linear`` is DAG's: beta * min(1, e / (f * E))."""
+    b = cfg.beta
+    if b.schedule == "constant":
+        return float(b.value)
+    ramp = b.warmup_fraction * cfg.training.epochs
+    return float(b.value) * min(1.0, epoch / ramp) if ramp > 0 else float(b.value)
+
+
+def prompt_list(prompt_set: Any) -> list[str]:
+    for attr in ("prompts", "texts"):
+        value = getattr(prompt_set, attr, None)
+        if value is not None and not callable(value):
+            return [str(p) for p in value]
+    return [str(p) for p in list(prompt_set)]
+
+
+def draw_prompts(prompt_set: Any, all_prompts: list[str], n: int, generator: torch.Generator) -> tuple[list[str], torch.Tensor]:
+    """``n`` prompts from the set (``prompt_set.sample`` when it exists) and their indices ``[n]``."""
+    drawn = prompt_set.sample(n, generator) if hasattr(prompt_set, "sample") else None
+    if drawn is None:
+        idx = torch.randint(len(all_prompts), (n,), generator=generator)
+        return [all_prompts[i] for i in idx.tolist()], idx
+    if isinstance(drawn, torch.Tensor):
+        drawn = drawn.tolist()
+    if isinstance(drawn, tuple) and len(drawn) == 2 and isinstance(drawn[0], list | tuple):
+        texts, ids = drawn
+        return [str(p) for p in texts], torch.as_tensor(ids, dtype=torch.int64).reshape(-1).cpu()
+    drawn = list(drawn)
+    if drawn and isinstance(drawn[0], int):
+        return [all_prompts[i] for i in drawn], torch.tensor(drawn, dtype=torch.int64)
+    lookup = {p: i for i, p in enumerate(all_prompts)}
+    return [str(p) for p in drawn], torch.tensor([lookup.get(str(p), -1) for p in drawn], dtype=torch.int64)
+
+
+def cat_trajectories(parts: list[TrajectoryBatch]) -> TrajectoryBatch:
+    if len(parts) == 1:
+        return parts[0]
+    out: dict[str, Any] = {}
+    for f in fields(TrajectoryBatch):
+        values = [getattr(p, f.name) for p in parts]
+        if f.name == "steps":
+            out[f.name] = values[0]
+        elif any(v is None for v in values):
+            out[f.name] = None
+        elif isinstance(values[0], torch.Tensor):
+            out[f.name] = torch.cat(values, dim=0)
+        else:
+            out[f.name] = [x for v in values for x in v]
+    return TrajectoryBatch(**out)
+
+
+def _batch_to_dict(batch: TransitionBatch) -> dict[str, Any]:
+    return {f.name: getattr(batch, f.name) for f in fields(TransitionBatch)}
+
+
+def _finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    except Exception:
+        return float("nan")
+
+
+class Trainer:
+    """Runs one training job into ``run_dir`` (see DESIGN.md §9 for the layout)."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        *,
+        components: Components | None = None,
+        resume: str | None = None,
+        stop_after_updates: int | None = None,
+        accelerator: Any = None,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self._components = components
+        self.resume = resume
+        self.stop_after_updates = stop_after_updates
+        self._accelerator = accelerator
+        self._stop_signal: int | None = None
+        self.step = 0
+        self.epoch = 0
+        self.counts = {"skipped_reward_epochs": 0, "skipped_updates": 0, "nan_streak": 0}
+        self._resume_epoch_state: dict[str, Any] | None = None
+
+    # ---------------------------------------------------------------------------------------------
+    # set-up
+    # ---------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from accelerate import Accelerator
+
+        cfg = self.cfg
+        if self._accelerator is None:
+            use_cpu = not torch.cuda.is_available() or os.environ.get("GFNALIGN_FORCE_CPU") == "1"
+            self._accelerator = Accelerator(cpu=use_cpu, mixed_precision=cfg.training.mixed_precision)
+        acc = self.accelerator = self._accelerator
+        self.device = acc.device
+        self.rank = acc.process_index
+        self.world = acc.num_processes
+        self.is_main = acc.is_main_process
+
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "samples").mkdir(exist_ok=True)
+            cfg.save(self.run_dir / "config.yaml")
+        self._barrier()
+
+        seed_everything(derive_seed(cfg.seed, "init"))  # identical model / head init on every rank
+        comps = self._components or build_components(cfg, self.device)
+        self.backbone, self.reward, self.prompt_set, self.objective = (
+            comps.backbone, comps.reward, comps.prompts, comps.objective)
+        self.all_prompts = prompt_list(self.prompt_set)
+        self.objective.to(self.device)
+        self.objective.train()
+        self.counters = Counters()
+        self.policy = CountingPolicy(self.backbone, self.counters)
+        self.lookahead = RewardLookahead(self.backbone, self.reward, model=cfg.lookahead.model,
+                                         guided=cfg.lookahead.guided, counters=self.counters)
+
+        self.policy_params = [p for p in self.backbone.trainable_parameters() if p.requires_grad]
+        seen = {id(p) for p in self.policy_params}
+        self.head_params = []
+        for module in self.objective.trainable_modules().values():
+            for p in module.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    self.head_params.append(p)
+        if not self.policy_params and not self.head_params:
+            raise ValueError("nothing to train: the backbone has no trainable parameters and the objective no heads; "
+                             "set backbone.lora_rank > 0 or backbone.full_finetune: true")
+        self._broadcast_params()
+        t = cfg.training
+        groups = []
+        if self.policy_params:
+            groups.append({"params": self.policy_params, "lr": t.lr, "weight_decay": t.weight_decay, "name": "policy"})
+        if self.head_params:
+            groups.append({"params": self.head_params, "lr": t.lr_heads, "weight_decay": t.weight_decay_heads,
+                           "name": "heads"})
+        self.optimizer = torch.optim.AdamW(groups, betas=tuple(t.adam_betas), eps=t.adam_eps)
+
+        self.tb = None
+        if self.is_main and cfg.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.run_dir / "tb"))
+            except Exception:
+                self.tb = None
+        if self.resume:
+            self._load_checkpoint(ckpt.resolve_resume(self.run_dir, self.resume))
+
+    # ---------------------------------------------------------------------------------------------
+    # distributed helpers (no-ops on one process)
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def _all_max(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return float(t.item())
+
+    def _all_min(self, value: float) -> float:
+        return -self._all_max(-value)
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.distributed:
+            return x
+        x = x.to(self.device).contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, x)
+        return torch.cat(parts)
+
+    def _broadcast_params(self) -> None:
+        if not self.distributed:
+            return
+        for p in self.policy_params + self.head_params:
+            torch.distributed.broadcast(p.data, src=0)
+
+    def _all_reduce_grads(self) -> None:
+        if not self.distributed:
+            return
+        params = self.policy_params + self.head_params
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+            offset += n
+
+    # ---------------------------------------------------------------------------------------------
+    # signals
+    # ---------------------------------------------------------------------------------------------
+    def _install_signals(self) -> dict[int, Any]:
+        previous = {}
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None:  # second signal: give up at once
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            if self.is_main:
+                print(f"\n[gfnalign] got signal {signum}: finishing the current update, then saving a checkpoint",
+                      file=sys.stderr, flush=True)
+
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+        return previous
+
+    @staticmethod
+    def _restore_signals(previous: dict[int, Any]) -> None:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+    # ---------------------------------------------------------------------------------------------
+    # sampling
+    # ---------------------------------------------------------------------------------------------
+    def _generator(self, *parts: Any) -> torch.Generator:
+        dev = self.device if self.device.type == "cuda" else "cpu"
+        return torch.Generator(device=dev).manual_seed(derive_seed(self.cfg.seed, *parts))
+
+    @torch.no_grad()
+    def _rollout(self, texts: list[str], prompt_ids: torch.Tensor, traj_ids: torch.Tensor,
+                 gen: torch.Generator, *, progress: bool) -> tuple[TrajectoryBatch, torch.Tensor]:
+        from gfnalign.sampling import rollout
+
+        cond = self.backbone.encode_prompts(texts)
+        x_init = self.backbone.initial_noise(len(texts), gen)
+        with self.accelerator.autocast():
+            traj = rollout(self.policy, cond, x_init, eta=self.cfg.sampling.eta,
+                           reduction=self.cfg.sampling.log_prob_reduction, generator=gen,
+                           show_progress=progress, prompt_id=prompt_ids.to(x_init.device),
+                           traj_id=traj_ids.to(x_init.device), prompts=list(texts))
+            images = self.backbone.decode(traj.final)
+        self.counters.decode += len(texts)
+        return traj, images.float()
+
+    def _score(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor | None:
+        """Rewards ``[N]`` float32, or None when the reward failed or returned NaN/inf/wrong shape."""
+        try:
+            r = self.reward(images, texts)
+        except Exception as err:  # RewardOutputError and friends: counted, never trained on
+            name = type(err).__name__
+            if name == "RewardOutputError" or isinstance(err, ValueError | FloatingPointError):
+                self._last_reward_error = f"{name}: {err}"
+                return None
+            raise
+        self.counters.reward += len(texts)
+        r = torch.as_tensor(r).detach().float().reshape(-1)
+        if r.shape != (len(texts),) or not _finite(r):
+            self._last_reward_error = f"reward returned shape {tuple(r.shape)} with non-finite values" \
+                if r.shape == (len(texts),) else f"reward returned shape {tuple(r.shape)}, expected [{len(texts)}]"
+            return None
+        return r
+
+    def sample_epoch(self, epoch: int) -> tuple[TrajectoryBatch | None, dict[str, float]]:
+        """All trajectories of this epoch on this rank, scored; None when a reward was bad."""
+        s = self.cfg.sampling
+        gen = self._generator("sample", self.rank, epoch)
+        prompt_gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "prompts", self.rank, epoch))
+        parts = []
+        self.counters.reset()
+        t0 = time.perf_counter()
+        progress = self.cfg.logging.progress and self.is_main
+        for b in range(s.batches_per_epoch):
+            texts, ids = draw_prompts(self.prompt_set, self.all_prompts, s.batch_size, prompt_gen)
+            base = (self.rank * s.batches_per_epoch + b) * s.batch_size
+            traj_ids = torch.arange(base, base + s.batch_size, dtype=torch.int64)
+            traj, images = self._rollout(texts, ids, traj_ids, gen, progress=progress)
+            r = self._score(images, texts)
+            if r is None:
+                return None, {"perf/sample_s": time.perf_counter() - t0}
+            traj = replace(traj, reward=r.to(traj.states.device))
+            if self.cfg.lookahead.mode == "cached":
+                self.lookahead.set_prompts(traj.cond, texts)
+                try:
+                    traj = self.lookahead.cache_trajectory(traj)
+                except Exception as err:
+                    if type(err).__name__ == "RewardOutputError" or isinstance(err, ValueError):
+                        self._last_reward_error = f"{type(err).__name__} in the cached lookahead: {err}"
+                        return None, {"perf/sample_s": time.perf_counter() - t0}
+                    raise
+                if not _finite(traj.lookahead_reward):
+                    self._last_reward_error = "the cached lookahead reward r(x0_hat) is NaN/inf"
+                    return None, {"perf/sample_s": time.perf_counter() - t0}
+            parts.append(traj)
+        return cat_trajectories(parts), {"perf/sample_s": time.perf_counter() - t0}
+
+    # ---------------------------------------------------------------------------------------------
+    # one optimiser update
+    # ---------------------------------------------------------------------------------------------
+    def _update(self, micro: list[TransitionBatch], beta: float) -> dict[str, float]:
+        t0 = time.perf_counter()
+        self.counters.reset()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        n_total = sum(len(mb) for mb in micro)
+        bad = 0.0
+        for mb in micro:
+            mb = mb.to(self.device)
+            with self.accelerator.autocast():
+                out = self.objective(mb, self.policy, self.lookahead, beta=beta)
+            loss = out.loss / len(micro)
+            if not _finite(loss.detach()):
+                bad = 1.0
+                break
+            loss.backward()
+            w = len(mb) / n_total
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0.0) + w * float(v)
+        bad = self._all_max(bad)
+        metrics: dict[str, float] = {}
+        if not bad:
+            self._all_reduce_grads()
+            grads_ok = all(p.grad is None or _finite(p.grad) for p in self.policy_params + self.head_params)
+            bad = self._all_max(0.0 if grads_ok else 1.0)
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.counts["skipped_updates"] += 1
+            self.counts["nan_streak"] += 1
+            metrics["train/skipped"] = 1.0
+        else:
+            clip = self.cfg.training.clip_norm
+            for name, params in (("policy", self.policy_params), ("heads", self.head_params)):
+                with_grad = [p for p in params if p.grad is not None]
+                if not with_grad:
+                    continue
+                if clip > 0:
+                    norm = torch.nn.utils.clip_grad_norm_(with_grad, clip)
+                else:
+                    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in with_grad]))
+                metrics[f"grad_norm/{name}"] = float(norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.counts["nan_streak"] = 0
+            metrics["train/skipped"] = 0.0
+        metrics.update(sums)
+        dt = time.perf_counter() - t0
+        metrics["perf/update_s"] = dt
+        metrics["perf/transitions_per_s"] = n_total * self.world / dt if dt > 0 else float("nan")
+        metrics["train/transitions"] = float(n_total * self.world)
+        train_unet = self.counters.unet + self.counters.unet_reference
+        metrics["nfe/train_unet_per_transition"] = train_unet / max(n_total, 1)
+        metrics["nfe/train_decode_per_transition"] = self.counters.decode / max(n_total, 1)
+        metrics["nfe/train_reward_per_transition"] = (self.counters.reward + self.counters.reward_grad) / max(n_total, 1)
+        return metrics
+
+    # ---------------------------------------------------------------------------------------------
+    # logging
+    # ---------------------------------------------------------------------------------------------
+    def _log(self, row: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        row = {k: (float(v) if isinstance(v, float | np.floating) else v) for k, v in row.items()}
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row, sort_keys=False) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, int | float) and k != "step" and math.isfinite(float(v)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def _epoch_reward_metrics(self, traj: TrajectoryBatch) -> dict[str, float]:
+        r = self._gather(traj.reward.float().to(self.device)).cpu()
+        m = {"reward/mean": float(r.mean()), "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
+             "reward/min": float(r.min()), "reward/max": float(r.max())}
+        return m
+
+    # ---------------------------------------------------------------------------------------------
+    # checkpoints
+    # ---------------------------------------------------------------------------------------------
+    def save_checkpoint(self, epoch_state: dict[str, Any] | None = None) -> Path | None:
+        root = self.run_dir / "checkpoints"
+        tmp = root / f".tmp-{ckpt.STEP_PREFIX}{self.step}"
+        if self.is_main:
+            tmp = ckpt.begin(root, self.step)
+        self._barrier()
+        torch.save(ckpt.rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        if epoch_state is not None:
+            torch.save(epoch_state, tmp / f"epoch_rank{self.rank}.pt")
+        self._barrier()
+        final = None
+        if self.is_main:
+            torch.save(self.backbone.trainable_state_dict(), tmp / "trainable.pt")
+            torch.save(self.objective.state_dict(), tmp / "heads.pt")
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            ckpt.write_json(tmp / "state.json", {
+                "step": self.step, "epoch": self.epoch, "mid_epoch": epoch_state is not None,
+                "counts": self.counts, "world_size": self.world, "method": self.cfg.method.name,
+                "beta": beta_at(self.cfg, self.epoch),
+            })
+            final = ckpt.commit(root, tmp, self.step, self.cfg.logging.keep_checkpoints)
+        self._barrier()
+        return final
+
+    def _load_checkpoint(self, path: Path) -> None:
+        state = ckpt.read_json(path / "state.json")
+        if int(state.get("world_size", 1)) != self.world:
+            raise ValueError(f"checkpoint {path} was written by {state['world_size']} processes; resume with the same "
+                             f"number (got {self.world}) or start a new run")
+        self.backbone.load_trainable_state_dict(torch.load(path / "trainable.pt", map_location=self.device))
+        self.objective.load_state_dict(torch.load(path / "heads.pt", map_location=self.device))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.counts = dict(state["counts"])
+        rng_file = path / f"rng_rank{self.rank}.pt"
+        self._resume_rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
+        ep_file = path / f"epoch_rank{self.rank}.pt"
+        if state.get("mid_epoch") and ep_file.is_file():
+            self._resume_epoch_state = torch.load(ep_file, map_location="cpu", weights_only=False)
+        if self.is_main:  # drop metrics logged after the checkpoint so the resumed file matches a clean run
+            mpath = self.run_dir / "metrics.jsonl"
+            if mpath.is_file():
+                keep = [ln for ln in mpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+                mpath.write_text("".join(ln + "\n" for ln in keep))
+            print(f"[gfnalign] resumed from {path} (step {self.step}, epoch {self.epoch})", file=sys.stderr)
+
+    # ---------------------------------------------------------------------------------------------
+    # evaluation, grids, final export
+    # ---------------------------------------------------------------------------------------------
+    def _eval_prompts(self, n: int) -> list[str]:
+        uniq = list(dict.fromkeys(self.all_prompts))[: min(8, len(set(self.all_prompts)))]
+        per = max(2, math.ceil(n / max(len(uniq), 1))) if n > 0 else 1
+        return [p for p in uniq for _ in range(per)]
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seed_tag: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images (and rewards) for ``prompts`` with fixed noise: the same seeds before and after training."""
+        gen = self._generator("eval", seed_tag)
+        bs = self.cfg.sampling.batch_size
+        images, rewards = [], []
+        for s in range(0, len(prompts), bs):
+            texts = prompts[s:s + bs]
+            ids = torch.zeros(len(texts), dtype=torch.int64)
+            _, imgs = self._rollout(texts, ids, ids, gen, progress=False)
+            images.append(imgs.cpu())
+            r = self._score(imgs, texts)
+            rewards.append(r.cpu() if r is not None else torch.full((len(texts),), float("nan")))
+        return torch.cat(images), torch.cat(rewards)
+
+    def _feature_fn(self) -> Any:
+        kind = "digits" if self.cfg.backbone.kind == "digits" else "pixels:16"
+        try:
+            from gfnalign.evaluation.features import build_features
+
+            fx = build_features(kind)
+            fx.name = getattr(fx, "name", kind)
+            return fx
+        except Exception:
+            return None
+
+    def evaluate(self, tag: str) -> dict[str, Any]:
+        from gfnalign.training.report import diversity, save_grid
+
+        prompts = self._eval_prompts(self.cfg.logging.eval_samples)
+        images, rewards = self.generate(prompts, "report")
+        fx = self._feature_fn()
+        div = diversity(images, prompts, fx)
+        per_prompt = len(prompts) // max(len(set(prompts)), 1)
+        grid = save_grid(images, [f"{p.replace('a handwritten digit ', '')} r={float(r):.2f}"
+                                  for p, r in zip(prompts, rewards)],
+                         self.run_dir / "samples" / f"{tag}.png", cols=per_prompt)
+        finite = rewards[torch.isfinite(rewards)]
+        return {"reward_mean": float(finite.mean()) if finite.numel() else float("nan"),
+                "reward_std": float(finite.std()) if finite.numel() > 1 else 0.0,
+                "diversity": div, "n": len(prompts), "features": getattr(fx, "name", "pixels:16"),
+                "grid": str(grid.relative_to(self.run_dir))}
+
+    def _sample_grid(self, name: str) -> None:
+        from gfnalign.training.report import save_grid
+
+        n = self.cfg.logging.grid_prompts
+        uniq = list(dict.fromkeys(self.all_prompts))
+        prompts = [uniq[i % len(uniq)] for i in range(n)]
+        images, rewards = self.generate(prompts, "grid")
+        save_grid(images, [f"{p} r={float(r):.2f}" for p, r in zip(prompts, rewards)],
+                  self.run_dir / "samples" / f"{name}.png")
+
+    def export_final(self) -> Path:
+        final = self.run_dir / "final"
+        tmp = self.run_dir / ".tmp-final"
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        if hasattr(self.backbone, "save_adapter"):
+            self.backbone.save_adapter(tmp)
+        else:
+            torch.save(self.backbone.trainable_state_dict(), tmp / "trainable.pt")
+        heads = self.objective.state_dict()
+        if heads:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous().cpu() for k, v in heads.items()}, str(tmp / "heads.safetensors"))
+        (tmp / "README.md").write_text(self._model_card())
+        self.cfg.save(tmp / "training_config.yaml")
+        if final.exists():
+            import shutil
+
+            shutil.rmtree(final)
+        tmp.rename(final)
+        return final
+
+    def _model_card(self) -> str:
+        c = self.cfg
+        base = c.backbone.path or ("gfnalign shipped digits pipeline" if c.backbone.kind == "digits" else c.backbone.kind)
+        return "\n".join([
+            "---", "library_name: diffusers", "tags: [lora, text-to-image, gflownet, gfnalign]", "---", "",
+            f"# LoRA: {c.run_name}", "",
+            f"Fine-tuned with gfnalign, method `{c.method.name}`, reward `{c.reward}`, beta {c.beta.value} "
+            f"({c.beta.schedule}), {self.step} optimiser updates over {self.epoch} epochs.", "",
+            f"Base model: `{base}`. LoRA rank {c.backbone.lora_rank}, alpha {c.backbone.lora_alpha}, "
+            f"targets {', '.join(c.backbone.lora_targets)}.", "",
+            "```python", "from diffusers import StableDiffusionPipeline",
+            f"pipe = StableDiffusionPipeline.from_pretrained({base!r})",
+            "pipe.load_lora_weights('path/to/this/folder')  # pytorch_lora_weights.safetensors", "```", "",
+            "`heads.safetensors` holds the objective's flow heads (only needed to continue training).", "",
+        ])
+
+    # ---------------------------------------------------------------------------------------------
+    # the loop
+    # ---------------------------------------------------------------------------------------------
+    def _split(self, batch: TransitionBatch) -> list[list[TransitionBatch]]:
+        t = self.cfg.training
+        n = len(batch)
+        micro = [batch.index(torch.arange(s, min(s + t.micro_batch, n))) for s in range(0, n, t.micro_batch)]
+        updates = [micro[i:i + t.grad_accum] for i in range(0, len(micro), t.grad_accum)]
+        if t.max_updates_per_epoch is not None:
+            updates = updates[: t.max_updates_per_epoch]
+        return updates
+
+    def train(self) -> int:
+        """Run to the configured number of epochs. Returns 0 (finished or interrupted-and-saved)."""
+        self.setup()
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        previous = self._install_signals()
+        try:
+            if self.is_main and cfg.logging.report and not (self.run_dir / "eval_before.json").is_file():
+                before = self.evaluate("before")
+                ckpt.write_json(self.run_dir / "eval_before.json", before)
+                print(f"[gfnalign] pretrained: reward {before['reward_mean']:.4g} ± {before['reward_std']:.3g}, "
+                      f"diversity {before['diversity']:.4g}", file=sys.stderr)
+            self._barrier()
+            interrupted = self._loop()
+            if interrupted:
+                if self.is_main:
+                    print(f"[gfnalign] stopped at step {self.step}; checkpoint saved. Continue with "
+                          f"`gfnalign train --out {self.run_dir} --resume latest`", file=sys.stderr)
+                return 0
+            if self.is_main:
+                final = self.export_final()
+                if cfg.logging.report:
+                    from gfnalign.training.report import write_report
+
+                    after = self.evaluate("after")
+                    ckpt.write_json(self.run_dir / "eval_after.json", after)
+                    bpath = self.run_dir / "eval_before.json"
+                    before = ckpt.read_json(bpath) if bpath.is_file() else None
+                    write_report(self.run_dir, config=cfg, before=before, after=after,
+                                 wall_s=time.perf_counter() - t_start, counters=self._public_counts())
+                print(f"[gfnalign] done: {self.step} updates; LoRA in {final}", file=sys.stderr)
+            self._barrier()
+            return 0
+        finally:
+            self._restore_signals(previous)
+            if self.tb is not None:
+                self.tb.close()
+
+    def _public_counts(self) -> dict[str, int]:
+        return {k: v for k, v in self.counts.items() if k != "nan_streak"}
+
+    def _should_stop(self) -> bool:
+        flag = self._stop_signal is not None or (
+            self.stop_after_updates is not None and self.step >= self.stop_after_updates)
+        return bool(self._all_max(1.0 if flag else 0.0))
+
+    def _loop(self) -> bool:
+        cfg = self.cfg
+        from tqdm.auto import tqdm
+
+        while self.epoch < cfg.training.epochs:
+            epoch = self.epoch
+            beta = beta_at(cfg, epoch)
+            resume_state, self._resume_epoch_state = self._resume_epoch_state, None
+            if resume_state is not None:
+                updates = [[TransitionBatch(**d) for d in mbs] for mbs in resume_state["updates"]]
+                start = int(resume_state["next_update"])
+                epoch_metrics = resume_state["epoch_metrics"]
+                self.lookahead.set_prompts(resume_state["prompt_cond"], resume_state["prompt_texts"])
+                ckpt.set_rng_state(self._resume_rng)
+            else:
+                seed_everything(derive_seed(cfg.seed, "epoch", self.rank, epoch))
+                traj, epoch_metrics = self.sample_epoch(epoch)
+                bad = self._all_max(1.0 if traj is None else 0.0)
+                if bad:
+                    self.counts["skipped_reward_epochs"] += 1
+                    msg = getattr(self, "_last_reward_error", "a reward on another rank was bad")
+                    if cfg.reliability.on_bad_reward == "stop":
+                        raise BadRewardError(f"epoch {epoch}: {msg} (reliability.on_bad_reward=stop)")
+                    if self.is_main:
+                        print(f"[gfnalign] epoch {epoch}: skipped ({msg})", file=sys.stderr)
+                    self.epoch += 1
+                    if self._after_epoch():
+                        return True
+                    continue
+                epoch_metrics.update(self._epoch_reward_metrics(traj))
+                epoch_metrics.update({"nfe/sample_unet": float(self.counters.unet + self.counters.unet_reference),
+                                      "nfe/sample_decode": float(self.counters.decode),
+                                      "nfe/sample_reward": float(self.counters.reward)})
+                self.lookahead.set_prompts(traj.cond, traj.prompts or [""] * traj.batch_size)
+                traj = self.objective.prepare(traj)
+                sel_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "select", self.rank, epoch))
+                batch = self.objective.select_transitions(traj, sel_gen)
+                perm = torch.randperm(len(batch), generator=sel_gen)
+                batch = batch.index(perm)
+                updates = self._split(batch)
+                n_up = int(self._all_min(float(len(updates))))
+                updates = updates[:n_up]
+                start = 0
+                self._epoch_prompts = (traj.cond, traj.prompts)
+            bar = tqdm(range(start, len(updates)), desc=f"epoch {epoch + 1}/{cfg.training.epochs}",
+                       disable=not (cfg.logging.progress and self.is_main), leave=False)
+            for u in bar:
+                m = self._update(updates[u], beta)
+                self.step += 1
+                row = {"step": self.step, "epoch": epoch, "update_in_epoch": u, "beta": beta}
+                row.update(m)
+                row.update(epoch_metrics)
+                row["train/skipped_updates"] = self.counts["skipped_updates"]
+                row["train/skipped_reward_epochs"] = self.counts["skipped_reward_epochs"]
+                row["perf/peak_mem_mb"] = peak_mem_mb(self.device)
+                if self.step % cfg.logging.log_every == 0 or u == len(updates) - 1:
+                    self._log(row)
+                bar.set_postfix(reward=f"{epoch_metrics.get('reward/mean', float('nan')):.3g}",
+                                loss=f"{m.get('loss/total', float('nan')):.3g}")
+                if self.counts["nan_streak"] >= cfg.reliability.max_nan_streak:
+                    raise NanLossError(
+                        f"{self.counts['nan_streak']} non-finite losses in a row (reliability.max_nan_streak="
+                        f"{cfg.reliability.max_nan_streak}); stopped at step {self.step}. The last checkpoint under "
+                        f"{self.run_dir / 'checkpoints'} is intact; lower training.lr or raise trust_region")
+                if u < len(updates) - 1 and self._should_stop():
+                    cond, texts = self.lookahead._cond_table, self.lookahead._prompt_table
+                    self.save_checkpoint({
+                        "updates": [[_batch_to_dict(mb) for mb in mbs] for mbs in updates],
+                        "next_update": u + 1, "epoch_metrics": epoch_metrics,
+                        "prompt_cond": self._epoch_prompts[0] if hasattr(self, "_epoch_prompts") else cond,
+                        "prompt_texts": list(self._epoch_prompts[1] or []) if hasattr(self, "_epoch_prompts") else texts,
+                    })
+                    return True
+            bar.close()
+            self.epoch += 1
+            if self._after_epoch():
+                return True
+        return False
+
+    def _after_epoch(self) -> bool:
+        """Grids and checkpoints at epoch ends; returns True when a stop was requested (checkpoint saved)."""
+        cfg = self.cfg
+        last = self.epoch >= cfg.training.epochs
+        if self.is_main and cfg.logging.sample_every and (self.epoch % cfg.logging.sample_every == 0 or last):
+            self._sample_grid(f"step_{self.step}")
+        self._barrier()
+        stop = self._should_stop()
+        if stop or last or self.epoch % cfg.logging.checkpoint_every == 0:
+            self.save_checkpoint()
+        return stop and not last
