@@ -189,7 +189,11 @@ class NoiseSchedule:
         if final_alpha_cumprod is None:
             # DDIM: set_alpha_to_one; DDPM has no such flag and steps to alpha-bar 1 (a deterministic
             # last step), which the objectives reject later with a clear message.
-            set_one = cfg.get("set_alpha_to_one", "_class_name" in cfg and "DDPM" in str(cfg["_class_name"]))
+            # the class name is in saved configs (``_class_name``) or, for a live scheduler object, its type
+            class_name = str(cfg.get("_class_name") or (type(config).__name__ if hasattr(config, "config") else ""))
+            # a bare DDPM config dict has DDPM's ``variance_type`` and no ``set_alpha_to_one``
+            is_ddpm = "DDPM" in class_name or ("variance_type" in cfg and "set_alpha_to_one" not in cfg)
+            set_one = cfg.get("set_alpha_to_one", is_ddpm)
             final_alpha_cumprod = 1.0 if set_one else float(alphas_cumprod[0])
         return cls.from_alphas_cumprod(
             alphas_cumprod,
