@@ -344,3 +344,31 @@ def test_every_cheap_builtin_scores_a_batch_of_8(fake_digits_world):
     for name in ["jpeg-compressibility", "jpeg-incompressibility", "ink", "digit-alignment"]:
         out = build_reward(name)(x, _prompts())
         assert out.shape == (8,) and out.dtype == torch.float32 and torch.isfinite(out).all(), name
+
+
+# -- devices --------------------------------------------------------------------------------------------
+
+
+def test_device_handling():
+    class Net(Reward):
+        name = "net"
+        differentiable = True
+
+        def __init__(self, device=None):
+            super().__init__(device)
+            self.lin = torch.nn.Linear(3, 1).double()  # deliberately float64: the reward runs in float32
+            self.freeze()
+
+        def score(self, images, prompts):
+            assert images.device == self.lin.weight.device and self.lin.weight.dtype == torch.float32
+            return self.lin(images.mean((2, 3))).squeeze(-1)
+
+    r = Net()
+    assert r.device is None  # follows the inputs
+    out = r(_images(2), ["a", "b"])
+    assert out.dtype == torch.float32 and r.lin.weight.dtype == torch.float32
+    r = Net(device="cpu")
+    assert r.device == torch.device("cpu") and r.to("cpu") is r
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            Net(device="cuda")

@@ -97,18 +97,21 @@ class HPSv2Reward(Reward):
             from hpsv2.src.open_clip import create_model_and_transforms, get_tokenizer
         except ImportError as err:
             raise missing_dependency(self.name, "hpsv2", "hpsv2", err) from err
+        if checkpoint is None:
+            from huggingface_hub import hf_hub_download
+
+            checkpoint = hf_hub_download("xswu/HPSv2", _HPS_FILES[version])
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(
+                f"hpsv2 reward: checkpoint not found at {checkpoint!r}; pass checkpoint= a local "
+                f"{_HPS_FILES[version]} (from the xswu/HPSv2 hub repository)"
+            )
         model, _, _ = create_model_and_transforms(
             "ViT-H-14", None, precision="fp32", device="cpu", jit=False, force_quick_gelu=False,
             force_custom_text=False, force_patch_dropout=False, force_image_size=None, pretrained_image=False,
             image_mean=None, image_std=None, light_augmentation=True, aug_cfg={}, output_dict=True,
             with_score_predictor=False, with_region_predictor=False,
         )
-        if checkpoint is None:
-            from huggingface_hub import hf_hub_download
-
-            checkpoint = hf_hub_download("xswu/HPSv2", _HPS_FILES[version])
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"hpsv2 reward: checkpoint not found at {checkpoint!r}")
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("state_dict", state))
         self.model = model
