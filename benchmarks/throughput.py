@@ -1,0 +1,473 @@
+"""Throughput per objective: transitions/s, network evaluations per transition, peak memory, overhead.
+
+    .venv/bin/python benchmarks/throughput.py [--methods dag-db,...] [--batch 8] [--steps 10] [--repeats 2]
+                                              [--json benchmarks/out/throughput.json] [--markdown]
+
+For every method (and for ``dag-db`` once with ``lookahead: cached`` and once with ``recompute``) this runs
+the trainer's epoch structure (DESIGN.md §9) on the digits world, in its own subprocess so peak memory is
+per method:
+
+    rollout of B trajectories  ->  terminal reward  ->  [cached: lookahead r(x̂0) of every state]
+    ->  objective.prepare  ->  select_transitions  ->  micro-batches: objective(...) / backward / AdamW step
+
+**Counting.** Forward hooks on the real modules (the UNet, the VAE decoder) and a wrapper on the reward's
+``score`` count the rows each network processes, split by whether autograd was recording (``grad``) or
+not (``nograd``). A classifier-free-guided pass counts twice (the UNet sees 2 rows per image). Nothing is
+assumed from the method's description.
+
+**Bare cost.** Separately, each network's cost per row is measured at the micro-batch size: no-grad
+forward, and forward+backward (backward into the input and the trainable LoRA). The bare cost of a phase is
+``Σ_net rows_nograd · c_fwd + rows_grad · c_fwdbwd``; the *overhead ratio* is the measured phase time over
+that bare cost (1.0 = nothing but the networks). Rows recorded with grad are charged a full backward even
+when only an input gradient is taken, so the ratio is, if anything, optimistic.
+
+**Memory.** ``ru_maxrss`` of the method's subprocess on CPU (includes the loaded models and Python);
+``torch.cuda.max_memory_allocated`` on GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "ddpo", "reward-backprop")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# instrumentation
+
+
+class NetProbe:
+    """Counts rows through watched networks, split by autograd mode."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, dict[str, int]] = {}
+        self._handles: list[Any] = []
+        self._restore: list[Any] = []
+
+    def _add(self, name: str, n: int) -> None:
+        key = "grad" if torch.is_grad_enabled() else "nograd"
+        self.counts.setdefault(name, {"grad": 0, "nograd": 0})[key] += int(n)
+
+    def watch_module(self, name: str, module: torch.nn.Module) -> None:
+        def hook(mod, args, kwargs, out):  # noqa: ARG001
+            x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            self._add(name, x.shape[0])
+
+        self.counts.setdefault(name, {"grad": 0, "nograd": 0})
+        self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+
+    def watch_reward(self, reward: Any, name: str = "reward") -> None:
+        """Wrap the reward's ``score`` (what ``Reward.__call__`` runs) on this instance."""
+        original = reward.score
+
+        def score(images, prompts):
+            self._add(name, images.shape[0])
+            return original(images, prompts)
+
+        self.counts.setdefault(name, {"grad": 0, "nograd": 0})
+        reward.score = score
+        self._restore.append(lambda: delattr(reward, "score"))
+
+    def reset(self) -> None:
+        for c in self.counts.values():
+            c["grad"] = c["nograd"] = 0
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        return {k: dict(v) for k, v in self.counts.items()}
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        for r in self._restore:
+            r()
+
+
+def find_networks(backbone: Any) -> dict[str, torch.nn.Module]:
+    """The backbone's UNet and VAE decoder modules (by diffusers class), for hooks."""
+    found: dict[str, torch.nn.Module] = {}
+    seen = set()
+    candidates = list(vars(backbone).values())
+    for attr in ("unet", "vae", "pipe", "_pipe"):
+        candidates.append(getattr(backbone, attr, None))
+    for obj in candidates:
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        mods = [obj] if isinstance(obj, torch.nn.Module) else list(getattr(obj, "components", {}).values())
+        for m in mods:
+            if not isinstance(m, torch.nn.Module):
+                continue
+            cls = type(m).__name__
+            if "UNet" in cls and "unet" not in found:
+                found["unet"] = m
+            elif cls.startswith("Autoencoder") and "decoder" not in found:
+                found["decoder"] = m.decoder
+    missing = {"unet", "decoder"} - set(found)
+    if missing:
+        raise RuntimeError(f"throughput: could not find the backbone's {sorted(missing)} module(s) to instrument")
+    return found
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one epoch, the trainer's structure
+
+
+class Harness:
+    """Backbone + reward + objective + lookahead built from a config dict, and one timed epoch."""
+
+    def __init__(self, cfg_dict: dict[str, Any], device: torch.device, backbone: Any = None, reward: Any = None):
+        from gfnalign.training.build import build_backbone, build_objective, build_reward
+        from gfnalign.training.config import TrainConfig
+        from gfnalign.training.lookahead import RewardLookahead
+
+        self.cfg = TrainConfig.from_dict(cfg_dict)
+        self.device = device
+        torch.manual_seed(self.cfg.seed)
+        self.backbone = backbone if backbone is not None else build_backbone(self.cfg, device)
+        self.reward = reward if reward is not None else build_reward(self.cfg)
+        self.objective = build_objective(self.cfg, self.backbone).to(device)
+        self.lookahead = RewardLookahead(self.backbone, self.reward, model=self.cfg.lookahead.model,
+                                         guided=self.cfg.lookahead.guided)
+        params = [p for p in self._policy_params()] + [p for p in self.objective.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.training.lr)
+        self.probe = NetProbe()
+        for name, mod in find_networks(self.backbone).items():
+            self.probe.watch_module(name, mod)
+        self.probe.watch_reward(self.reward)
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        from gfnalign.rewards.prompts import load_prompts
+
+        self.prompts = load_prompts(self.cfg.prompts)
+
+    def _policy_params(self) -> list[torch.nn.Parameter]:
+        bb = self.backbone
+        for attr in ("trainable_parameters", "lora_parameters", "parameters"):
+            fn = getattr(bb, attr, None)
+            if callable(fn):
+                params = [p for p in fn() if p.requires_grad]
+                if params:
+                    return params
+        raise RuntimeError("throughput: the backbone exposes no trainable parameters")
+
+    def initial_noise(self, n: int) -> torch.Tensor:
+        shape = (n, *tuple(self.backbone.latent_shape))
+        return torch.randn(shape, generator=self.generator).to(self.device)
+
+    def sample(self, batch: int) -> Any:
+        """Rollout + terminal reward + (cached) lookahead; returns the prepared trajectory batch."""
+        from gfnalign.sampling.rollout import rollout
+
+        s = self.cfg.sampling
+        prompts, idx = self.prompts.sample(batch, self.generator)
+        cond = self.backbone.encode_prompts(prompts)
+        self.lookahead.set_prompts(cond, prompts)
+        traj = rollout(self.backbone, cond, self.initial_noise(batch), eta=s.eta, reduction=s.log_prob_reduction,
+                       generator=self.generator, prompt_id=idx.to(self.device), prompts=prompts)
+        with torch.no_grad():
+            r = self.reward(self.backbone.decode(traj.final).float(), prompts)
+        traj = replace(traj, reward=torch.as_tensor(r, dtype=torch.float32, device=self.device).reshape(-1))
+        if self.cfg.lookahead.mode == "cached":
+            traj = self.lookahead.cache_trajectory(traj)
+        return self.objective.prepare(traj)
+
+    def train(self, traj: Any) -> int:
+        """Micro-batched objective / backward / step over the selected transitions; returns their count."""
+        batch = self.objective.select_transitions(traj, self.generator)
+        n = len(batch)
+        mb = self.cfg.training.micro_batch
+        beta = self.cfg.beta.value
+        for s in range(0, n, mb):
+            idx = torch.arange(s, min(n, s + mb), device=batch.x_t.device)
+            out = self.objective(batch.index(idx), self.backbone, self.lookahead, beta=beta)
+            out.loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return n
+
+    def timed_epoch(self, batch: int) -> dict[str, Any]:
+        self.probe.reset()
+        sync(self.device)
+        t0 = time.perf_counter()
+        traj = self.sample(batch)
+        sync(self.device)
+        t1 = time.perf_counter()
+        counts_sample = self.probe.snapshot()
+        self.probe.reset()
+        n = self.train(traj)
+        sync(self.device)
+        t2 = time.perf_counter()
+        return {"sample_s": t1 - t0, "train_s": t2 - t1, "transitions": n,
+                "rows_sample": counts_sample, "rows_train": self.probe.snapshot()}
+
+    # -- bare network costs -------------------------------------------------------------------------------
+    def unit_costs(self, n: int, repeats: int = 3) -> dict[str, dict[str, float]]:
+        """Seconds per row of each watched network: no-grad forward and forward+backward, at batch n."""
+        bb, dev = self.backbone, self.device
+        prompts, _ = self.prompts.sample(n, self.generator)
+        cond = bb.encode_prompts(prompts)
+        x = self.initial_noise(n)
+        t = bb.schedule.timesteps[torch.full((n,), bb.schedule.num_steps // 2)].to(dev)
+        params = self._policy_params()
+        with torch.no_grad():
+            images = bb.decode(x).float()
+
+        def unet_f():
+            with torch.no_grad():
+                bb.eps(x, t, cond)
+
+        def unet_fb():
+            xi = x.detach().requires_grad_(True)
+            bb.eps(xi, t, cond).square().sum().backward()
+
+        def dec_f():
+            with torch.no_grad():
+                bb.decode(x)
+
+        def dec_fb():
+            xi = x.detach().requires_grad_(True)
+            bb.decode(xi).square().sum().backward()
+
+        def rew_f():
+            with torch.no_grad():
+                self.reward(images, prompts)
+
+        def rew_fb():
+            im = images.detach().requires_grad_(True)
+            self.reward(im, prompts).sum().backward()
+
+        out: dict[str, dict[str, float]] = {}
+        jobs = {"unet": (unet_f, unet_fb), "decoder": (dec_f, dec_fb), "reward": (rew_f, rew_fb)}
+        for name, (f, fb) in jobs.items():
+            costs = {}
+            for kind, fn in (("fwd", f), ("fwdbwd", fb)):
+                if kind == "fwdbwd" and name == "reward" and not getattr(self.reward, "differentiable", False):
+                    costs[kind] = float("nan")
+                    continue
+                fn()  # warm-up
+                self.probe.reset()
+                sync(dev)
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    fn()
+                sync(dev)
+                dt = time.perf_counter() - t0
+                rows = sum(self.probe.counts.get(name, {}).values())
+                costs[kind] = dt / max(rows, 1)
+                for p in params:
+                    p.grad = None
+            out[name] = costs
+        self.probe.reset()
+        return out
+
+
+def bare_cost(rows: dict[str, dict[str, int]], unit: dict[str, dict[str, float]]) -> float:
+    total = 0.0
+    for name, c in rows.items():
+        u = unit.get(name)
+        if u is None:
+            continue
+        fb = u["fwdbwd"] if u["fwdbwd"] == u["fwdbwd"] else u["fwd"]
+        total += c["nograd"] * u["fwd"] + c["grad"] * fb
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------
+# per-method measurement (run in a subprocess)
+
+
+def digits_config(method: str, lookahead: str, batch: int, steps: int, micro_batch: int, fraction: float | None,
+                  reward: str) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if fraction is not None and method not in ("ddpo", "reward-backprop"):
+        options["fraction"] = fraction
+    return {
+        "seed": 0,
+        "backbone": {"kind": "digits"},
+        "reward": reward,
+        "prompts": "digits",
+        "method": {"name": method, "options": options},
+        "sampling": {"num_steps": steps, "batch_size": batch, "batches_per_epoch": 1},
+        "training": {"micro_batch": micro_batch},
+        "lookahead": {"mode": lookahead},
+        "logging": {"progress": False, "tensorboard": False},
+    }
+
+
+def measure(cfg: dict[str, Any], device: torch.device, batch: int, repeats: int, unit: dict | None = None,
+            harness: Harness | None = None) -> dict[str, Any]:
+    h = harness or Harness(cfg, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    h.timed_epoch(batch)  # warm-up epoch (allocations, lazy init)
+    epochs = [h.timed_epoch(batch) for _ in range(repeats)]
+    unit = unit if unit is not None else h.unit_costs(min(batch, h.cfg.training.micro_batch))
+    n = sum(e["transitions"] for e in epochs)
+    ts = sum(e["train_s"] for e in epochs)
+    ss = sum(e["sample_s"] for e in epochs)
+    rows_train: dict[str, dict[str, int]] = {}
+    rows_sample: dict[str, dict[str, int]] = {}
+    for e in epochs:
+        for dst, src in ((rows_train, e["rows_train"]), (rows_sample, e["rows_sample"])):
+            for k, v in src.items():
+                d = dst.setdefault(k, {"grad": 0, "nograd": 0})
+                d["grad"] += v["grad"]
+                d["nograd"] += v["nograd"]
+    bare_train = bare_cost(rows_train, unit)
+    bare_sample = bare_cost(rows_sample, unit)
+    trajs = batch * repeats
+    return {
+        "method": h.cfg.method.name,
+        "lookahead": h.cfg.lookahead.mode,
+        "transitions": n,
+        "trajectories": trajs,
+        "train_s": ts,
+        "sample_s": ss,
+        "train_transitions_per_s": n / ts,
+        "epoch_transitions_per_s": n / (ts + ss),
+        "train_s_per_transition": ts / n,
+        "epoch_s_per_transition": (ts + ss) / n,
+        "nfe_per_transition_train": {k: (v["grad"] + v["nograd"]) / n for k, v in rows_train.items()},
+        "nfe_per_transition_epoch": {
+            k: (v["grad"] + v["nograd"] + rows_sample.get(k, {"grad": 0, "nograd": 0})["grad"]
+                + rows_sample.get(k, {"grad": 0, "nograd": 0})["nograd"]) / n for k, v in rows_train.items()
+        },
+        "rows_train": rows_train,
+        "rows_sample": rows_sample,
+        "unit_costs": unit,
+        "bare_train_s": bare_train,
+        "bare_sample_s": bare_sample,
+        "train_overhead": ts / bare_train if bare_train > 0 else float("nan"),
+        "sample_overhead": ss / bare_sample if bare_sample > 0 else float("nan"),
+        "peak_mem_mb": peak_memory_mb(device),
+    }
+
+
+def _child(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    cfg = digits_config(args.child_method, args.child_lookahead, args.batch, args.steps, args.micro_batch,
+                        args.fraction, args.reward)
+    try:
+        res = measure(cfg, device, args.batch, args.repeats)
+    except Exception as err:  # report, do not hide: the parent prints it in the table
+        import traceback
+
+        traceback.print_exc()
+        res = {"method": args.child_method, "lookahead": args.child_lookahead, "error": f"{type(err).__name__}: {err}"}
+    print("@@RESULT@@" + json.dumps(res))
+    return 0
+
+
+def run_child(method: str, lookahead: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child-method", method, "--child-lookahead", lookahead,
+           "--batch", str(args.batch), "--steps", str(args.steps), "--repeats", str(args.repeats),
+           "--micro-batch", str(args.micro_batch), "--device", args.device, "--reward", args.reward]
+    if args.fraction is not None:
+        cmd += ["--fraction", str(args.fraction)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    for line in proc.stdout.splitlines():
+        if line.startswith("@@RESULT@@"):
+            return json.loads(line[len("@@RESULT@@"):])
+    return {"method": method, "lookahead": lookahead, "error": (proc.stderr or proc.stdout)[-2000:]}
+
+
+def _fmt_nfe(d: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in d.items())
+
+
+def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = [
+        "| method | lookahead | train transitions/s | epoch transitions/s | net evals per transition, train step "
+        "(epoch incl. sampling) | peak mem (MB) | train time / bare net cost | sampling time / bare |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['lookahead']} | failed: {r['error'].splitlines()[-1][:120]} | | | | | |")
+            continue
+        nfe = "; ".join(
+            f"{k} {r['nfe_per_transition_train'][k]:.2f} ({r['nfe_per_transition_epoch'][k]:.2f})"
+            for k in r["nfe_per_transition_train"]
+        )
+        lines.append(
+            f"| {r['method']} | {r['lookahead']} | {r['train_transitions_per_s']:.1f} | "
+            f"{r['epoch_transitions_per_s']:.1f} | {nfe} | {r['peak_mem_mb']:.0f} | "
+            f"{r['train_overhead']:.2f}× | {r['sample_overhead']:.2f}× |"
+        )
+    by = {(r["method"], r["lookahead"]): r for r in results if "error" not in r}
+    if ("dag-db", "cached") in by and ("dag-db", "recompute") in by:
+        c, rc = by[("dag-db", "cached")], by[("dag-db", "recompute")]
+        lines += ["", f"dag-db cached vs recompute: train step {rc['train_s_per_transition'] / c['train_s_per_transition']:.2f}× "
+                      f"faster per transition, whole epoch (sampling + caching included) "
+                      f"{rc['epoch_s_per_transition'] / c['epoch_s_per_transition']:.2f}× faster."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--batch", type=int, default=8, help="trajectories per epoch")
+    p.add_argument("--steps", type=int, default=10, help="sampling steps")
+    p.add_argument("--micro-batch", type=int, default=16, help="transitions per forward/backward")
+    p.add_argument("--fraction", type=float, default=None, help="fraction of transitions trained (objective option)")
+    p.add_argument("--repeats", type=int, default=2, help="timed epochs after one warm-up epoch")
+    p.add_argument("--reward", default="digit-alignment")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "out" / "throughput.json")
+    p.add_argument("--markdown", action="store_true", help="print the BENCHMARKS.md table")
+    p.add_argument("--child-method", help=argparse.SUPPRESS)
+    p.add_argument("--child-lookahead", default="cached", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child_method:
+        return _child(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    jobs = [(m, "cached") for m in methods]
+    if "dag-db" in methods:
+        jobs.insert(methods.index("dag-db") + 1, ("dag-db", "recompute"))
+    results = []
+    for m, la in jobs:
+        t0 = time.perf_counter()
+        r = run_child(m, la, args)
+        r["wall_s"] = time.perf_counter() - t0
+        print(f"{m:>18} {la:>9}: " + ("ERROR " + r["error"].splitlines()[-1] if "error" in r else
+              f"{r['train_transitions_per_s']:.1f} tr/s train, overhead {r['train_overhead']:.2f}x, "
+              f"nfe {_fmt_nfe(r['nfe_per_transition_train'])}"), flush=True)
+        results.append(r)
+    meta = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
+            "batch": args.batch, "steps": args.steps, "micro_batch": args.micro_batch, "repeats": args.repeats}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    md = markdown(results, args)
+    if args.markdown:
+        print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
