@@ -21,7 +21,9 @@ class PolicyModel(Protocol):
     ``eps`` returns the *guided* noise prediction (classifier-free guidance lives here, objectives never
     see it), shape like ``x``. ``t`` is an int64 tensor ``[N]`` of diffusion timesteps and ``cond`` the
     per-row conditioning (a tensor ``[N, ...]`` or ``None``). With ``reference=True`` the pretrained
-    model answers (adapters disabled) and no gradient reaches the trainable parameters.
+    model answers (adapters disabled) and no gradient reaches the trainable parameters; it must still be
+    differentiable with respect to ``x`` (do not wrap it in ``torch.no_grad``): residual ∇-DB takes
+    ∇_{x_t} of the reference's log P_F. Callers that need no graph detach or use ``no_grad`` themselves.
     """
 
     schedule: NoiseSchedule
