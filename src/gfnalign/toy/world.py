@@ -84,18 +84,64 @@ class Correction(nn.Module):
         return self.net(self.features(x, t, alpha_bar))
 
 
+PARAMETRIZATIONS = ("score", "eps")
+
+
+def score_preconditioner(schedule: NoiseSchedule, eta: float = 1.0) -> torch.Tensor:
+    """[T] factor ``w(t) = σ_t² / c_t`` with ``c_t = ∂mean/∂ε`` of the step that starts at timestep t.
+
+    With ``Δε = w(t) h`` the kernel's mean moves by ``σ_t² h``, i.e. ``h`` is a correction of the
+    *score* ∇ log P_F (the quantity the ∇-DB objectives balance, and ∇ log F̃ of the tilt). Rows where
+    the step has no variance (t = 0, the terminal level) get 0.
+    """
+    ac = schedule.alphas_cumprod.to(DTYPE)
+    T = ac.shape[0]
+    stride = T // schedule.num_steps
+    t = torch.arange(T)
+    a = ac
+    an = torch.where(t - stride >= 0, ac[(t - stride).clamp(min=0)], schedule.alpha_bars_next[-1].to(DTYPE))
+    var = eta**2 * ((1 - an) / (1 - a) * (1 - a / an)).clamp(min=0)
+    c = (1 - an - var).clamp(min=0).sqrt() - an.sqrt() * (1 - a).sqrt() / a.sqrt()
+    ok = (var > 0) & (c.abs() > 1e-12)
+    return torch.where(ok, var / torch.where(ok, c, torch.ones_like(c)), torch.zeros_like(c))
+
+
 class ToyPolicy(nn.Module):
-    """PolicyModel: ``ε_θ(x, t) = ε*(x, t) + MLP_θ(x, t)``; ``reference=True`` gives the exact ε*.
+    """PolicyModel: ``ε_θ(x, t) = ε*(x, t) + w(t)·MLP_θ(x, t)``; ``reference=True`` gives the exact ε*.
+
+    ``parametrization="score"`` (default): ``w(t) = σ_t²/c_t`` (:func:`score_preconditioner`), so the MLP
+    outputs a correction of the transition's score ∇ log P_F (equivalently of the residual flow score
+    ∇ log F̃ of the tilt). This is a fixed per-timestep preconditioning of a zero-initialised additive
+    correction, like choosing ε- or v-prediction for a real network: it does not change what the policy
+    can express, only how the objectives' per-step residuals weigh the MLP's output. With
+    ``"eps"`` (``w = 1``) a score-space residual weighs the late, low-noise steps ~10⁴× more than the
+    early ones (``(c_t/σ_t²)²``), and the early steps, which decide the mode masses, barely train.
 
     ``x`` is ``[N, d]``, ``t`` int64 diffusion timesteps ``[N]`` (or a scalar), ``cond`` is ignored.
     The exact part keeps its graph with respect to ``x`` (lookahead gradients and reverse scores need it).
     """
 
-    def __init__(self, mixture: GaussianMixture, schedule: NoiseSchedule, *, hidden: int = 128, depth: int = 3):
+    def __init__(
+        self,
+        mixture: GaussianMixture,
+        schedule: NoiseSchedule,
+        *,
+        hidden: int = 128,
+        depth: int = 3,
+        parametrization: str = "score",
+    ):
         super().__init__()
+        if parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"parametrization={parametrization!r}; use one of {', '.join(PARAMETRIZATIONS)}")
         self.mixture = mixture
         self.schedule = schedule
+        self.parametrization = parametrization
         self.correction = Correction(mixture.dim, hidden, depth, int(schedule.alphas_cumprod.shape[0]))
+        T = int(schedule.alphas_cumprod.shape[0])
+        self.register_buffer(
+            "precond", score_preconditioner(schedule) if parametrization == "score" else torch.ones(T, dtype=DTYPE),
+            persistent=False,
+        )
 
     def alpha_bar(self, t: torch.Tensor, n: int) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=torch.int64)
@@ -111,7 +157,7 @@ class ToyPolicy(nn.Module):
         xd = x.to(DTYPE)
         out = self.mixture.eps(xd, ab)
         if not reference:
-            out = out + self.correction(xd, t, ab)
+            out = out + self.precond[t.cpu()].to(DTYPE)[:, None] * self.correction(xd, t, ab)
         return out.to(x.dtype)
 
     def x0_hat(self, x: torch.Tensor, t: torch.Tensor, *, reference: bool) -> torch.Tensor:

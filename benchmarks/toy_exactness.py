@@ -1,0 +1,142 @@
+"""Toy exactness benchmark: every method on analytic Gaussian-mixture cases, against the exact target.
+
+Each (case, method) pair runs ``gfnalign toy`` with its defaults (fixed seed) in a subprocess, so the
+numbers are exactly what the command prints; the table goes to stdout and, with ``--write``, replaces
+the "## Toy exactness" section of BENCHMARKS.md (other sections are kept).
+
+    .venv/bin/python benchmarks/toy_exactness.py --write            # all cases x all methods
+    .venv/bin/python benchmarks/toy_exactness.py --cases ring4-linear --methods dag-db --jobs 2
+
+Cases (files written to --workdir):
+* ``ring4-linear``: 4 modes at (±2, ±2), std 0.5, r = x₁ + 0.5 x₂, β = 0.5 (target mass 0.64/0.24/0.09/0.03).
+* ``grid9-quadratic``: 3×3 grid of modes (spacing 2.5, std 0.45), r = -‖x - (2, 1.5)‖²/(2·2²), β = 1.
+* ``d8-linear``: 4 modes in 8-D (±2 sign patterns), std 0.6, r = aᵀx with a = (0.8, 0.4, 0, ..), β = 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["residual-nabla-db", "dag-db", "nabla-db", "dag-kl", "ddpo", "reward-backprop"]
+GRID = [[x, y] for x in (-2.5, 0.0, 2.5) for y in (-2.5, 0.0, 2.5)]
+SIGNS8 = [[1, 1, 1, 1, -1, -1, 1, -1], [1, -1, 1, -1, 1, 1, -1, -1], [-1, 1, -1, -1, 1, -1, 1, 1], [-1, -1, -1, 1, -1, 1, -1, 1]]
+CASES = {
+    "ring4-linear": (
+        {"weights": [0.25] * 4, "means": [[2, 2], [2, -2], [-2, 2], [-2, -2]], "stds": [0.5] * 4},
+        {"type": "linear", "a": [1.0, 0.5]},
+        0.5,
+    ),
+    "grid9-quadratic": (
+        {"weights": [1 / 9] * 9, "means": GRID, "stds": [0.45] * 9},
+        {"type": "quadratic", "center": [2.0, 1.5], "scale": 2.0},
+        1.0,
+    ),
+    "d8-linear": (
+        {"weights": [0.25] * 4, "means": [[2.0 * s for s in row] for row in SIGNS8], "stds": [0.6] * 4},
+        {"type": "linear", "a": [0.8, 0.4, 0, 0, 0, 0, 0, 0]},
+        0.5,
+    ),
+}
+SECTION = "## Toy exactness"
+
+
+def run_one(case: str, method: str, workdir: Path, seed: int, threads: int) -> dict:
+    mix, reward, beta = CASES[case]
+    mix_path, reward_path = workdir / f"{case}.mix.json", workdir / f"{case}.reward.json"
+    mix_path.write_text(json.dumps(mix))
+    reward_path.write_text(json.dumps(reward))
+    out = workdir / f"{case}.{method}.json"
+    cmd = [sys.executable, "-m", "gfnalign", "toy", "--method", method, "--mixture", str(mix_path),
+           "--reward", str(reward_path), "--beta", str(beta), "--seed", str(seed), "--json", str(out), "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        return {"case": case, "method": method, "error": proc.stderr.strip().splitlines()[-1:] or ["failed"], "wall": wall}
+    res = json.loads(out.read_text())
+    res.update(case=case, wall=wall)
+    return res
+
+
+def fmt_row(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['case']} | {r['method']} | failed: {r['error'][0]} | | | | | | |"
+    mm = r["mode_mass"]
+    ed, floor = r["energy_distance"], r["energy_distance_floor"]
+    ratio = ed / floor if floor > 0 else float("nan")
+    rm = r["reward_mean"]
+    return (f"| {r['case']} | {r['method']} | {r['mode_mass_tv']:.3f} | {ed:.4f} | {floor:.4f} | {ratio:.1f} | "
+            f"{rm['finetuned']:.3f} / {rm['target']:.3f} / {rm['pretrained']:.3f} | "
+            f"{' '.join(f'{x:.2f}' for x in mm['finetuned'])} ({' '.join(f'{x:.2f}' for x in mm['target'])}) | "
+            f"{r['train_seconds']:.0f} / {r['wall']:.0f} |")
+
+
+def table(results: list[dict]) -> str:
+    head = ("| case | method | mode-mass TV | energy dist. | floor | ED/floor | reward fine-tuned / target / pretrained "
+            "| mode mass fine-tuned (target) | train s / total s |\n|---|---|---|---|---|---|---|---|---|")
+    return head + "\n" + "\n".join(fmt_row(r) for r in results)
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()}-core {cpu}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def write_section(text: str, path: Path) -> None:
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    block = text.rstrip() + "\n\n"
+    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
+    path.write_text(new)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (each gets --threads threads)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workdir", type=Path, default=Path("runs/toy_exactness"))
+    ap.add_argument("--write", action="store_true", help="replace the toy section of BENCHMARKS.md")
+    args = ap.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    pairs = [(c, m) for c in args.cases for m in args.methods]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(lambda cm: run_one(cm[0], cm[1], args.workdir, args.seed, args.threads), pairs))
+    (args.workdir / "results.json").write_text(json.dumps(results, indent=2))
+    cmd = "python benchmarks/toy_exactness.py " + " ".join(sys.argv[1:])
+    text = table(results)
+    print(text)
+    if args.write:
+        body = (f"{SECTION}\n\nEvery method of `gfnalign toy` (its defaults, seed {args.seed}) against the exact tilted "
+                f"target of each case. Command: `{cmd}` (each run is `gfnalign toy --method M --mixture CASE.mix.json "
+                f"--reward CASE.reward.json --beta B --seed {args.seed}`, {args.jobs} run(s) at a time, "
+                f"{args.threads} thread(s) each). Machine: {machine()}, shared with other jobs, so seconds are noisy.\n\n"
+                + text + "\n")
+        write_section(body, ROOT / "BENCHMARKS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""A small on-policy training loop for the analytic toy world, and its evaluation against the exact target.
+
+One update (``--steps`` counts these):
+
+    x_init ~ N(0, I)                                 [B, d]
+    traj   = rollout(policy, None, x_init)           (DDPM, eta = 1, summed log-probs)
+    traj.reward = r_eff(traj.final)                  (r, or r + log p_f / β for dag-db / dag-kl / nabla-db)
+    traj.lookahead_reward = r_eff(x̂0(state))         (cached lookahead at every state)
+    traj   = objective.prepare(traj)
+    batch  = objective.select_transitions(traj, generator)
+    loss   = objective(batch, policy, lookahead, beta=β_e).loss  -> AdamW step (policy MLP lr, heads lr)
+
+Evaluation: M samples of the fine-tuned chain, of the exact-ε (pretrained) chain, of the exact tilted
+terminal mixture and of the exact untilted terminal mixture. See :func:`evaluate` for the OUT.json keys.
+
+This loop is deliberately independent of ``gfnalign.training`` (accelerate, checkpoints, logging).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from gfnalign.toy.metrics import energy_distance, mode_mass, total_variation
+from gfnalign.toy.mixture import DTYPE, GaussianMixture
+from gfnalign.toy.rewards import ToyReward
+from gfnalign.toy.world import ToyLookahead, ToyPolicy, final_alpha_bar, sample_chain, toy_schedule
+
+METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "ddpo", "reward-backprop")
+#: methods whose fixed point is ∝ R alone: the toy hands them r + log p_f / β so the target is p_f·exp(βr)
+PRIOR_IN_REWARD = ("dag-db", "dag-kl", "nabla-db")
+#: methods that maximise the reward (no exact target; the toy reports their drift)
+BASELINES = ("ddpo", "reward-backprop")
+
+# Per-method defaults, tuned on two shared CPU cores for about two minutes per method (see BENCHMARKS.md).
+# "objective": options for build_objective; the rest drives this loop.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "residual-nabla-db": {
+        "objective": {"no_flow": True, "gamma": "one"},
+        "updates": 300, "batch_size": 256, "lr": 1e-3, "head_lr": 1e-3, "lookahead_model": "reference",
+    },
+    "dag-db": {
+        "objective": {},
+        "updates": 300, "batch_size": 256, "lr": 1e-3, "head_lr": 3e-3, "lookahead_model": "reference",
+    },
+    "dag-kl": {
+        "objective": {},
+        "updates": 300, "batch_size": 256, "lr": 1e-3, "head_lr": 3e-3, "lookahead_model": "reference",
+    },
+    "nabla-db": {
+        "objective": {},
+        "updates": 300, "batch_size": 256, "lr": 1e-3, "head_lr": 1e-3, "lookahead_model": "reference",
+    },
+    "ddpo": {
+        "objective": {},
+        "updates": 300, "batch_size": 256, "lr": 1e-3, "head_lr": 1e-3, "lookahead_model": "reference",
+    },
+    "reward-backprop": {
+        "objective": {},
+        "updates": 300, "batch_size": 256, "lr": 1e-3, "head_lr": 1e-3, "lookahead_model": "reference",
+    },
+}
+_LOOP_KEYS = ("updates", "batch_size", "lr", "head_lr", "lookahead_model", "anneal_updates", "grad_clip",
+              "prior_flow", "updates_per_rollout", "weight_decay", "hidden", "depth", "num_steps",
+              "parametrization")
+
+
+def method_config(method: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The defaults of ``method`` with ``overrides`` applied (``objective`` options are merged)."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not known; choose one of {', '.join(METHODS)}")
+    cfg = copy.deepcopy(DEFAULTS[method])
+    cfg.setdefault("anneal_updates", 0)
+    cfg.setdefault("grad_clip", 1.0)
+    cfg.setdefault("prior_flow", "marginal")
+    cfg.setdefault("updates_per_rollout", 1)
+    cfg.setdefault("weight_decay", 0.0)
+    cfg.setdefault("hidden", 128)
+    cfg.setdefault("depth", 3)
+    cfg.setdefault("num_steps", 50)
+    cfg.setdefault("parametrization", "score")
+    for key, value in (overrides or {}).items():
+        if key == "objective":
+            cfg["objective"].update(value)
+        elif key in _LOOP_KEYS:
+            cfg[key] = value
+        else:
+            raise ValueError(f"unknown toy training option {key!r}; allowed: objective, {', '.join(_LOOP_KEYS)}")
+    return cfg
+
+
+def _beta_at(update: int, beta: float, anneal_updates: int) -> float:
+    if anneal_updates <= 0:
+        return beta
+    return beta * min(1.0, (update + 1) / anneal_updates)
+
+
+def train(
+    method: str,
+    mixture: GaussianMixture,
+    reward: ToyReward,
+    beta: float,
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    log: Callable[[int, dict[str, float]], None] | None = None,
+    log_every: int = 50,
+) -> tuple[ToyPolicy, dict[str, Any]]:
+    """Fine-tune the toy policy with ``method``; returns ``(policy, info)`` (info: seconds, last metrics)."""
+    from gfnalign.objectives.base import REGISTRY, build_objective
+    from gfnalign.sampling import rollout
+
+    cfg = method_config(method, config)
+    if beta <= 0:
+        raise ValueError(f"beta={beta} must be positive")
+    updates = int(cfg["updates"] if steps is None else steps)
+    if updates < 0:
+        raise ValueError(f"steps={updates} must be >= 0")
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    schedule = toy_schedule(cfg["num_steps"])
+    policy = ToyPolicy(mixture, schedule, hidden=cfg["hidden"], depth=cfg["depth"],
+                       parametrization=cfg["parametrization"])
+    prior = method in PRIOR_IN_REWARD
+    lookahead = ToyLookahead(
+        policy, reward, model=cfg["lookahead_model"], prior_scale=(1.0 / beta) if prior else 0.0,
+        prior_flow=cfg["prior_flow"],
+    )
+    if method not in REGISTRY:  # registers the objective if the package __init__ does not yet
+        import importlib
+
+        importlib.import_module(f"gfnalign.objectives.{method.replace('-', '_')}")
+    objective = build_objective(method, state_shape=(mixture.dim,), **cfg["objective"]).to(DTYPE)
+    groups = [{"params": list(policy.correction.parameters()), "lr": cfg["lr"]}]
+    head_params = [p for m in objective.trainable_modules().values() for p in m.parameters()]
+    if head_params:
+        groups.append({"params": head_params, "lr": cfg["head_lr"]})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg["weight_decay"])
+    all_params = [p for g in groups for p in g["params"]]
+
+    B, d, K = int(cfg["batch_size"]), mixture.dim, schedule.num_steps
+    last: dict[str, float] = {}
+    skipped = 0
+    start = time.perf_counter()
+    traj = None
+    for u in range(updates):
+        beta_u = _beta_at(u, beta, int(cfg["anneal_updates"]))
+        if prior:
+            lookahead.prior_scale = 1.0 / beta_u
+        if traj is None or u % int(cfg["updates_per_rollout"]) == 0:
+            x_init = torch.randn(B, d, dtype=DTYPE, generator=gen)
+            traj = rollout(policy, None, x_init, eta=1.0, reduction="sum", generator=gen)
+            final = traj.final
+            states = traj.states.reshape(B * (K + 1), d)
+            t_all = torch.cat([schedule.timesteps, schedule.next_timesteps[-1:]]).repeat(B)
+            terminal = torch.zeros(K + 1, dtype=torch.bool)
+            terminal[-1] = True
+            cached = lookahead.log_reward(states, t_all, None, terminal=terminal.repeat(B)).reshape(B, K + 1)
+            traj = replace(traj, reward=lookahead.terminal_reward(final), lookahead_reward=cached)
+            traj = objective.prepare(traj)
+        batch = objective.select_transitions(traj, gen)
+        out = objective(batch, policy, lookahead, beta=beta_u)
+        if not torch.isfinite(out.loss):
+            skipped += 1
+            if skipped > 20:
+                raise RuntimeError(f"{method}: the loss was not finite for {skipped} updates; lower the learning rates")
+            continue
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if cfg["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(all_params, float(cfg["grad_clip"]))
+        opt.step()
+        last = {"loss/total": float(out.loss.detach()), **{k: float(v) for k, v in out.metrics.items()}}
+        last["reward/mean"] = float(lookahead.reward(final.to(DTYPE)).mean())
+        if log is not None and (u % log_every == 0 or u == updates - 1):
+            log(u, last)
+    seconds = time.perf_counter() - start
+    return policy, {"train_seconds": seconds, "updates": updates, "skipped": skipped, "last": last, "config": cfg}
+
+
+def evaluate(
+    policy: ToyPolicy,
+    mixture: GaussianMixture,
+    reward: ToyReward,
+    beta: float,
+    *,
+    samples: int = 10_000,
+    seed: int = 0,
+    target_mass_samples: int = 200_000,
+) -> dict[str, Any]:
+    """Mode masses, energy distances and reward means of the fine-tuned sampler vs the exact target.
+
+    ``mode_mass.target`` uses ``target_mass_samples`` exact samples under the same assignment rule, so
+    the TV of an exact sampler is zero up to its own sampling noise. ``energy_distance`` compares
+    ``samples`` fine-tuned vs ``samples`` exact target draws; ``energy_distance_floor`` compares the
+    exact-ε chain vs the exact untilted terminal mixture at the same sample size.
+    """
+    if samples < 2:
+        raise ValueError(f"samples={samples} must be at least 2")
+    gen = torch.Generator().manual_seed(seed + 1_000_003)
+    p_final = mixture.noised(final_alpha_bar(policy.schedule))
+    target = reward.tilt(p_final, beta)
+    finetuned = sample_chain(policy, samples, gen)
+    pretrained = sample_chain(policy, samples, gen, reference=True)
+    target_x = target.sample(samples, gen)
+    untilted_x = p_final.sample(samples, gen)
+    big = target.sample(max(target_mass_samples, samples), gen)
+    mass = {
+        "target": mode_mass(big, target),
+        "finetuned": mode_mass(finetuned, target),
+        "pretrained": mode_mass(pretrained, target),
+    }
+    return {
+        "mode_mass": mass,
+        "mode_mass_tv": total_variation(mass["finetuned"], mass["target"]),
+        "energy_distance": energy_distance(finetuned, target_x),
+        "energy_distance_floor": energy_distance(pretrained, untilted_x),
+        "reward_mean": {
+            "target": float(reward(big).mean()),
+            "finetuned": float(reward(finetuned).mean()),
+            "pretrained": float(reward(pretrained).mean()),
+        },
+        "samples": samples,
+    }
+
+
+def run_toy(
+    method: str,
+    mixture: GaussianMixture,
+    reward: ToyReward,
+    beta: float,
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+    samples: int = 10_000,
+    config: dict[str, Any] | None = None,
+    log: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Train then evaluate; returns the OUT.json dict of ``gfnalign toy`` (DESIGN.md §6) plus extras."""
+    policy, info = train(method, mixture, reward, beta, steps=steps, seed=seed, config=config, log=log)
+    result = {"method": method, "beta": float(beta), "train_seconds": info["train_seconds"]}
+    result.update(evaluate(policy, mixture, reward, beta, samples=samples, seed=seed))
+    result["updates"] = info["updates"]
+    result["seed"] = seed
+    result["skipped_updates"] = info["skipped"]
+    result["config"] = info["config"]
+    # a diverged policy yields NaN samples; report it rather than hide it
+    result["diverged"] = not all(math.isfinite(v) for v in (result["energy_distance"], result["mode_mass_tv"]))
+    return result
