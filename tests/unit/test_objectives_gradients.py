@@ -1,0 +1,161 @@
+"""Where gradients go (policy θ vs head φ) per objective, per the tables in their docstrings, plus the
+LossOutput contract, flags, and the trust-region term."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from gfnalign.objectives import REGISTRY, build_objective
+from tests.unit.test_objectives_world import DT, A, FnLookahead, PointMassPolicy, make_schedule, sample
+
+BETA = 0.7
+ALL = ["dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "ddpo", "reward-backprop"]
+
+
+class RefParamPolicy(PointMassPolicy):
+    """The reference path uses a parameter too, to prove objectives never train the reference."""
+
+    def __init__(self, sched):
+        super().__init__(sched, mlp_init=0.5)
+        self.ref_gain = nn.Parameter(torch.ones((), dtype=DT))
+        with torch.no_grad():
+            self.shift.fill_(0.2)
+
+    def eps(self, x, t, cond, *, reference=False):
+        e = super().eps(x, t, cond, reference=reference)
+        return e * self.ref_gain if reference else e
+
+
+def lookahead():
+    return FnLookahead(value=lambda x, t, term: torch.tanh(x @ A),
+                       grad=lambda x, t, term: (1 - torch.tanh(x @ A)[:, None] ** 2) * A)
+
+
+def world(seed=0):
+    sched = make_schedule(6)
+    pol = RefParamPolicy(sched)
+    traj = sample(pol, B=8, seed=seed, reward_fn=lambda x: torch.tanh(x @ A).float())
+    return pol, traj
+
+
+def gsum(params):
+    return sum(float(p.grad.abs().sum()) for p in params if p.grad is not None)
+
+
+def policy_params(pol):
+    return [pol.shift, *pol.mlp.parameters()]
+
+
+def run(obj, pol, traj, seed=0, **kw):
+    traj = obj.prepare(traj)
+    batch = obj.select_transitions(traj, torch.Generator().manual_seed(seed))
+    pol.zero_grad()
+    obj.zero_grad()
+    out = obj(batch, pol, lookahead(), beta=BETA, **kw)
+    out.loss.backward()
+    return out, batch
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_contract_flags_and_routing(name):
+    assert name in REGISTRY
+    pol, traj = world()
+    obj = build_objective(name, state_shape=(2,)).double()
+    out, batch = run(obj, pol, traj)
+    assert out.loss.dim() == 0 and torch.isfinite(out.loss)
+    assert out.residual.shape == (len(batch),) and not out.residual.requires_grad
+    assert "loss/total" in out.metrics and all(isinstance(v, float) for v in out.metrics.values())
+    assert gsum(policy_params(pol)) > 0, "the policy must be trained"
+    assert pol.ref_gain.grad is None or float(pol.ref_gain.grad.abs().sum()) == 0, "the reference is frozen"
+    heads = list(obj.parameters())
+    if name in ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db"):
+        assert set(obj.trainable_modules()) and gsum(heads) > 0, "the flow head must be trained"
+    else:
+        assert obj.trainable_modules() == {} and heads == []
+    expect_grad = {"nabla-db": True, "residual-nabla-db": True, "reward-backprop": True}
+    assert obj.needs_reward_gradient == expect_grad.get(name, False)
+    assert obj.needs_reference == (name == "residual-nabla-db")
+
+
+def test_dag_kl_flow_loss_never_reaches_the_policy():
+    pol, traj = world()
+    obj0 = build_objective("dag-kl", state_shape=(2,), kl_weight=0.0, head_zero_init=False).double()
+    out0, _ = run(obj0, pol, traj)
+    assert gsum(policy_params(pol)) == 0.0
+    head0 = [p.grad.clone() for p in obj0.parameters()]
+    obj1 = build_objective("dag-kl", state_shape=(2,), kl_weight=1.0, head_zero_init=False).double()
+    obj1.load_state_dict(obj0.state_dict())
+    out1, _ = run(obj1, pol, traj)
+    assert gsum(policy_params(pol)) > 0
+    for g0, p in zip(head0, obj1.parameters(), strict=True):
+        assert torch.allclose(g0, p.grad), "advantages are detached: the PG term never reaches the head"
+    assert {"loss/flow", "loss/pg", "policy/clipfrac", "policy/approx_kl"} <= set(out1.metrics)
+
+
+def test_dag_db_terminal_head_gets_no_gradient_from_terminal_state():
+    """f_phi is never evaluated at the terminal state: its value there would be discarded."""
+    pol, traj = world()
+    calls = []
+    obj = build_objective("dag-db", state_shape=(2,)).double()
+    head = obj.log_flow_head
+    obj.log_flow_head = nn.Module()
+    obj.log_flow_head.forward = lambda x, t, c: (calls.append(t.clone()), head(x, t, c))[1]
+    run(obj, pol, traj)
+    assert all(bool((t > 0).all()) for t in calls)
+
+
+@pytest.mark.parametrize("name", ["nabla-db", "residual-nabla-db"])
+def test_reverse_loss_trains_the_head_only_unless_asked(name):
+    pol, traj = world()
+    base = build_objective(name, state_shape=(2,), reverse_loss_weight=0.0, head_zero_init=False).double()
+    run(base, pol, traj)
+    g_pol0 = [p.grad.clone() for p in policy_params(pol)]
+    g_head0 = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in base.parameters()]
+    for trains in (False, True):
+        obj = build_objective(name, state_shape=(2,), reverse_loss_weight=1.0, head_zero_init=False,
+                              reverse_trains_policy=trains).double()
+        obj.load_state_dict(base.state_dict())
+        out, _ = run(obj, pol, traj)
+        assert "loss/rev" in out.metrics
+        same_policy = all(torch.allclose(a, p.grad, rtol=1e-9, atol=1e-12) for a, p in zip(g_pol0, policy_params(pol), strict=True))
+        assert same_policy == (not trains)
+        assert any(not torch.allclose(a, p.grad) for a, p in zip(g_head0, obj.parameters(), strict=True))
+
+
+def test_residual_nabla_db_terminal_loss_trains_head_at_t0():
+    pol, traj = world()
+    obj = build_objective("residual-nabla-db", state_shape=(2,), head_zero_init=False, reverse_loss_weight=0.0).double()
+    out, batch = run(obj, pol, traj)
+    assert out.metrics["loss/terminal"] > 0
+    obj_off = build_objective("residual-nabla-db", state_shape=(2,), head_zero_init=False, reverse_loss_weight=0.0,
+                              terminal_loss_weight=0.0).double()
+    obj_off.load_state_dict(obj.state_dict())
+    out_off, _ = run(obj_off, pol, traj)
+    assert "loss/terminal" not in out_off.metrics and out_off.loss < out.loss
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_trust_region_is_zero_on_policy_and_positive_after_an_update(name):
+    pol, traj = world()
+    kw = {} if name in ("ddpo", "reward-backprop") else {"state_shape": (2,)}
+    obj = build_objective(name, trust_region=10.0, **kw).double()
+    out, _ = run(obj, pol, traj)
+    assert out.metrics["loss/trust_region"] < 1e-20
+    with torch.no_grad():
+        pol.mlp[2].bias.add_(0.1)
+    out, _ = run(obj, pol, traj)
+    assert out.metrics["loss/trust_region"] == pytest.approx(10.0 * 0.01, rel=0.05 if name == "reward-backprop" else 1e-6)
+
+
+@pytest.mark.parametrize("name,kw", [("dag-db", {"eta": 0.0}), ("dag-db", {"log_prob_reduction": "avg"}),
+                                     ("residual-nabla-db", {"gamma": "squared"}), ("ddpo", {"clip_range": 0}),
+                                     ("reward-backprop", {"variant": "alignprop"}), ("nabla-db", {"fraction": 1.5}),
+                                     ("residual-nabla-db", {"pretrained_strength": 0.0}), ("dag-kl", {"trust_region": -1})])
+def test_bad_options_raise_naming_the_field(name, kw):
+    field = next(iter(kw))
+    with pytest.raises(ValueError, match=field):
+        build_objective(name, state_shape=(2,), **kw)
+    with pytest.raises(ValueError, match="state_shape"):
+        build_objective("dag-db")
