@@ -172,3 +172,18 @@ def test_clip_score_with_model_objects_and_missing_hub_model():
     assert out.abs().max() <= 1.0 + 1e-5
     with pytest.raises(OSError, match="no-such-org/no-such-clip"):
         build_reward({"name": "clip-score", "model": "no-such-org/no-such-clip"})
+
+
+def test_clip_preprocess_matches_transformers_processor():
+    """Our torch preprocessing vs transformers' CLIP processor (PIL bicubic on uint8) on a real photo."""
+    np = pytest.importorskip("numpy")
+    datasets = pytest.importorskip("sklearn.datasets")
+    processor_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    photo = datasets.load_sample_images().images[0]  # 427 x 640 x 3 uint8
+    for arr in (photo, np.ascontiguousarray(photo.transpose(1, 0, 2))):  # landscape and portrait
+        ref = torch.as_tensor(np.asarray(processor_cls()(images=[arr], return_tensors="np")["pixel_values"]))
+        ours = clip_preprocess(torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float() / 255, 224)
+        diff = (ref - ours).abs()
+        # normalised units (1/255 of a pixel ≈ 0.015 here): uint8 rounding and resampler details only
+        assert ref.shape == ours.shape == (1, 3, 224, 224)
+        assert diff.mean() < 0.01 and diff.max() < 0.1

@@ -372,3 +372,42 @@ def test_device_handling():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             Net(device="cuda")
+
+
+def test_register_custom_reward_factory():
+    from gfnalign.rewards import register_reward
+    from gfnalign.rewards.registry import _REGISTRY
+
+    class Brightness(Reward):
+        name = "test-brightness"
+        differentiable = True
+
+        def __init__(self, *, gain: float = 1.0, device=None):
+            super().__init__(device)
+            self.gain = gain
+
+        def score(self, images, prompts):
+            return self.gain * images.mean((1, 2, 3))
+
+    register_reward("test-brightness", Brightness, differentiable=True)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_reward("test-brightness", Brightness, differentiable=True)
+        r = build_reward({"name": "test-brightness", "gain": 2.0})
+        x = _images(2)
+        assert torch.allclose(r(x, ["a", "b"]), 2 * x.mean((1, 2, 3)))
+        assert "test-brightness" in {i.name for i in list_rewards()}
+    finally:
+        _REGISTRY.pop("test-brightness", None)
+
+
+def test_importing_rewards_stays_light():
+    import subprocess
+
+    code = (
+        "import sys, gfnalign.rewards as r; r.list_rewards(); r.load_prompts('animals');"
+        "heavy = [m for m in ('transformers', 'diffusers', 'PIL', 'ImageReward', 'hpsv2') if m in sys.modules];"
+        "assert not heavy, heavy"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

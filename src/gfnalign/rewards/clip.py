@@ -42,8 +42,11 @@ def clip_preprocess(
     centre crop to ``size``×``size``, then ``(x - mean) / std`` per channel.
     """
     n, c, h, w = images.shape
-    scale = size / min(h, w)
-    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    # like transformers: the short side becomes `size`, the long side int(size * long / short) (floored)
+    if h <= w:
+        new_h, new_w = size, max(size, int(size * w / h))
+    else:
+        new_h, new_w = max(size, int(size * h / w)), size
     if (new_h, new_w) != (h, w):
         shrink = new_h < h or new_w < w
         images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=shrink)
