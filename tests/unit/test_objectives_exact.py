@@ -2,7 +2,6 @@
 point-mass world of test_objectives_world) and is clearly positive when the policy is perturbed."""
 
 import math
-from dataclasses import replace
 
 import pytest
 import torch

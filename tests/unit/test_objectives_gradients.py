@@ -1,7 +1,6 @@
 """Where gradients go (policy θ vs head φ) per objective, per the tables in their docstrings, plus the
 LossOutput contract, flags, and the trust-region term."""
 
-from dataclasses import replace
 
 import pytest
 import torch

@@ -3,9 +3,9 @@
 from gfnalign.core.batches import TrajectoryBatch, TransitionBatch
 from gfnalign.core.kernels import (
     GaussianKernel,
-    forward_std,
     backward_kernel,
     forward_kernel,
+    forward_std,
     gaussian_log_prob,
     score_pb_next,
     score_pb_t,
