@@ -300,6 +300,17 @@ def known_methods() -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+def _method_options(name: str) -> set[str]:
+    try:
+        import gfnalign.objectives  # noqa: F401
+        from gfnalign.objectives.base import REGISTRY
+        from gfnalign.training.build import _init_parameters
+
+        return _init_parameters(REGISTRY[name]) if name in REGISTRY else set()
+    except Exception:
+        return set()
+
+
 def _known_rewards() -> tuple[str, ...] | None:
     try:
         from gfnalign.rewards import list_rewards  # type: ignore[attr-defined]
@@ -332,6 +343,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"method.name={cfg.method.name!r} is not allowed; use one of: {', '.join(methods)}")
     if not isinstance(cfg.method.options, dict):
         raise ConfigError(f"method.options={cfg.method.options!r} must be a mapping")
+    accepted = _method_options(cfg.method.name)
+    for key in cfg.method.options:
+        if accepted and key not in accepted:
+            raise ConfigError(f"method.options.{key}={cfg.method.options[key]!r} is not an option of method "
+                              f"{cfg.method.name!r}; allowed: {', '.join(sorted(accepted))}")
 
     _positive("beta.value", cfg.beta.value, allow_zero=True)
     _choice("beta.schedule", cfg.beta.schedule, BETA_SCHEDULES)

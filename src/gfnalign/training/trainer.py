@@ -467,6 +467,7 @@ class Trainer:
         if epoch_state is not None:
             torch.save(epoch_state, tmp / f"epoch_rank{self.rank}.pt")
         self._barrier()
+        checksums = self._gather(self._param_checksum().to(self.device)).cpu().tolist()
         final = None
         if self.is_main:
             torch.save(self.backbone.trainable_state_dict(), tmp / "trainable.pt")
@@ -475,11 +476,18 @@ class Trainer:
             ckpt.write_json(tmp / "state.json", {
                 "step": self.step, "epoch": self.epoch, "mid_epoch": epoch_state is not None,
                 "counts": self.counts, "world_size": self.world, "method": self.cfg.method.name,
-                "beta": beta_at(self.cfg, self.epoch),
+                "beta": beta_at(self.cfg, self.epoch), "rank_param_checksums": checksums,
             })
             final = ckpt.commit(root, tmp, self.step, self.cfg.logging.keep_checkpoints)
         self._barrier()
         return final
+
+    def _param_checksum(self) -> torch.Tensor:
+        """[1] float64 sum of |p| and p over all trainable parameters (ranks must agree exactly)."""
+        total = torch.zeros(1, dtype=torch.float64)
+        for i, p in enumerate(self.policy_params + self.head_params):
+            total += p.detach().double().cpu().sum() * (1 + 1e-3 * (i % 7)) + p.detach().double().cpu().abs().sum()
+        return total
 
     def _load_checkpoint(self, path: Path) -> None:
         state = ckpt.read_json(path / "state.json")
@@ -701,9 +709,9 @@ class Trainer:
                 self.lookahead.set_prompts(traj.cond, traj.prompts or [""] * traj.batch_size)
                 traj = self.objective.prepare(traj)
                 sel_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "select", self.rank, epoch))
+                # shuffle whole trajectories (objectives may rely on the row order within one trajectory)
+                traj = traj.index(torch.randperm(traj.batch_size, generator=sel_gen).to(traj.states.device))
                 batch = self.objective.select_transitions(traj, sel_gen)
-                perm = torch.randperm(len(batch), generator=sel_gen)
-                batch = batch.index(perm)
                 updates = self._split(batch)
                 n_up = int(self._all_min(float(len(updates))))
                 updates = updates[:n_up]

@@ -1,0 +1,53 @@
+"""``gfnalign demo [--out DIR]``: the embedded default, fully offline.
+
+Residual ∇-DB aligns the shipped tiny digits model (a real diffusers pipeline, 16×16 images) to the
+digit-alignment reward (log-probability of the prompted digit under the shipped classifier), then writes
+``report.md`` with the reward curve, before/after grids, reward mean/std and within-prompt diversity.
+About ten minutes on two CPU cores. Any value can be changed with ``--set``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default runs/demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the embedded config, e.g. --set training.epochs=5")
+    p.add_argument("--resume", metavar="latest|PATH", help="continue an interrupted demo")
+    p.add_argument("--print-config", action="store_true", help="print the embedded config and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gfnalign.training.config import ConfigError, TrainConfig, apply_overrides
+    from gfnalign.training.presets import DEMO
+
+    try:
+        cfg = TrainConfig.from_dict(apply_overrides(DEMO, args.overrides))
+    except ConfigError as err:
+        print(f"gfnalign demo: config error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(cfg.to_yaml())
+        return 0
+    if not args.resume and (args.out / "checkpoints").is_dir() and any((args.out / "checkpoints").iterdir()):
+        print(f"gfnalign demo: {args.out} already holds a run; pass --resume latest or another --out", file=sys.stderr)
+        return 2
+    from gfnalign.training.trainer import Trainer
+
+    t0 = time.perf_counter()
+    code = Trainer(cfg, args.out, resume=args.resume).train()
+    wall = time.perf_counter() - t0
+    report = args.out / "report.md"
+    if code == 0 and report.is_file():
+        import json
+
+        before = json.loads((args.out / "eval_before.json").read_text())
+        after = json.loads((args.out / "eval_after.json").read_text())
+        print(f"demo finished in {wall:.0f} s: reward {before['reward_mean']:.3f} -> {after['reward_mean']:.3f}, "
+              f"diversity {before['diversity']:.3f} -> {after['diversity']:.3f}; report: {report}")
+    return code

@@ -1,0 +1,66 @@
+"""``gfnalign list [methods|rewards|prompts|presets]``: what can be combined, without loading any model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+
+
+def preset_dirs() -> list[Path]:
+    """Shipped presets (inside the package) first, then a source checkout's ``configs/``."""
+    return [d for d in (PACKAGED_CONFIGS, REPO_CONFIGS, Path.cwd() / "configs") if d.is_dir()]
+
+
+def list_presets() -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for d in preset_dirs():
+        for f in sorted(d.glob("*.yaml")):
+            out.setdefault(f.stem, f)
+    return out
+
+
+def find_preset(name: str) -> Path | None:
+    """A preset by name (``digits-residual-nabla-db``) or file name (``...yaml``)."""
+    stem = Path(name).name
+    stem = stem[:-5] if stem.endswith(".yaml") else stem
+    return list_presets().get(stem)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", nargs="?", default="all", choices=["all", "methods", "rewards", "prompts", "presets"])
+
+
+def _first_line(obj: object) -> str:
+    doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+    return doc[0] if doc else ""
+
+
+def run(args: argparse.Namespace) -> int:
+    what = args.what
+    if what in ("all", "methods"):
+        import gfnalign.objectives  # noqa: F401
+        from gfnalign.objectives.base import REGISTRY
+
+        print("methods (method.name):")
+        for name in sorted(REGISTRY):
+            print(f"  {name:20s} {_first_line(REGISTRY[name])[:90]}")
+    if what in ("all", "rewards"):
+        from gfnalign.rewards import list_rewards
+
+        print("rewards (reward:):")
+        for info in list_rewards():
+            flag = "differentiable" if info.differentiable else "black-box"
+            extra = f" [needs {info.extra}]" if info.extra else (" [needs weights]" if info.needs_weights else "")
+            print(f"  {info.name:24s} {flag:14s} {info.description[:70]}{extra}")
+    if what in ("all", "prompts"):
+        from gfnalign.rewards import prompt_set_names
+
+        print("prompt sets (prompts:):  " + ", ".join(prompt_set_names()) + "  (or a .txt/.json/.csv file)")
+    if what in ("all", "presets"):
+        print("presets (gfnalign train --config NAME):")
+        for name, path in list_presets().items():
+            print(f"  {name:44s} {path}")
+    return 0

@@ -1,0 +1,165 @@
+"""The shipped presets, written from one source of truth: ``python -m gfnalign.training.presets``.
+
+* ``DEMO``: the embedded default of ``gfnalign demo`` (residual ∇-DB on the shipped digits model with the
+  digit-alignment reward; sized to finish in about 10 minutes on two CPU cores).
+* ``digits-<method>``: every method on the digits world at an equal budget (the methods table in miniature).
+* ``sd15-<reward>-<method>``: Stable Diffusion 1.5 presets mirroring the papers' defaults
+  (spec/dag.md §5, spec/nabla_gfn.md §6.3, DDPO and DRaFT/ReFL where stated). The authors' code averages
+  log-probs over the latent (``log_prob_reduction: mean``), so their β is kept together with that reduction
+  (β·D with D = 16384 is the equivalent summed-log-prob temperature).
+
+``configs/`` (repository) and ``src/gfnalign/configs/`` (installed with the package) hold identical copies;
+a test checks they match this module.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "ddpo", "reward-backprop")
+
+# -- the digits world ----------------------------------------------------------------------------------
+_DIGITS_BASE: dict[str, Any] = {
+    "seed": 0,
+    "backbone": {"kind": "digits", "lora_rank": 4, "lora_alpha": 4.0},
+    "reward": "digit-alignment",
+    "prompts": "digits",
+    "beta": {"value": 4.0, "schedule": "constant"},
+    "sampling": {"num_steps": 20, "guidance_scale": 1.0, "eta": 1.0, "log_prob_reduction": "sum",
+                 "batch_size": 16, "batches_per_epoch": 1},
+    "training": {"epochs": 40, "micro_batch": 32, "grad_accum": 1, "lr": 3e-3, "lr_heads": 3e-3,
+                 "weight_decay": 1e-4, "weight_decay_heads": 1e-4, "adam_betas": [0.9, 0.999],
+                 "clip_norm": 1.0, "mixed_precision": "no", "max_updates_per_epoch": 2},
+    "lookahead": {"mode": "cached", "model": "reference", "guided": True},
+    "logging": {"sample_every": 10, "checkpoint_every": 10, "keep_checkpoints": 2, "eval_samples": 80,
+                "grid_prompts": 10},
+    "reliability": {"max_nan_streak": 5, "on_bad_reward": "skip"},
+}
+
+_DIGITS_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "dag-db": {"fraction": 0.1, "stratified": True, "trust_region": 1.0},
+    "dag-kl": {"fraction": 0.1, "stratified": True, "trust_region": 1.0},
+    "nabla-db": {"fraction": 0.1, "stratified": True, "trust_region": 1.0},
+    "residual-nabla-db": {"fraction": 0.1, "stratified": True, "trust_region": 1.0},
+    "ddpo": {"fraction": 0.1, "stratified": True, "clip_range": 1e-4, "adv_clip": 5.0},
+    "reward-backprop": {"variant": "draft-k", "k": 1},
+}
+
+
+def digits_preset(method: str) -> dict[str, Any]:
+    cfg = copy.deepcopy(_DIGITS_BASE)
+    cfg["run_name"] = f"digits-{method}"
+    cfg["method"] = {"name": method, "options": copy.deepcopy(_DIGITS_METHOD_OPTIONS[method])}
+    return cfg
+
+
+#: ``gfnalign demo``'s embedded default.
+DEMO: dict[str, Any] = digits_preset("residual-nabla-db")
+DEMO["run_name"] = "demo"
+
+# -- Stable Diffusion 1.5 ------------------------------------------------------------------------------
+_SD_REWARDS: dict[str, dict[str, Any]] = {
+    # reward spec, prompt set, DAG beta (reward_exp), nabla beta (reward_scale), nabla lambda, nabla batch x accum
+    "aesthetic": {"reward": "aesthetic", "prompts": "animals", "dag_beta": 100.0, "nabla_beta": 1e4,
+                  "nabla_lambda": 2e3, "nabla_micro": 4, "nabla_accum": 8},
+    "imagereward": {"reward": "imagereward", "prompts": "prompts/drawbench_train.csv", "dag_beta": 100.0,
+                    "nabla_beta": 1e3, "nabla_lambda": 1e3, "nabla_micro": 4, "nabla_accum": 8},
+    "hpsv2": {"reward": "hpsv2", "prompts": "prompts/hpd_photo_painting_train.txt", "dag_beta": 100.0,
+              "nabla_beta": 1e4, "nabla_lambda": 1e2, "nabla_micro": 2, "nabla_accum": 16},
+    "jpeg-compressibility": {"reward": "jpeg-compressibility", "prompts": "animals", "dag_beta": 100.0,
+                             "nabla_beta": 1e3, "nabla_lambda": 1e3, "nabla_micro": 4, "nabla_accum": 8},
+}
+_SD_METHODS_FOR = {
+    # black-box JPEG cannot drive the gradient-based methods
+    "jpeg-compressibility": ("dag-db", "dag-kl", "ddpo"),
+}
+
+
+def sd15_preset(reward: str, method: str) -> dict[str, Any]:
+    r = _SD_REWARDS[reward]
+    cfg: dict[str, Any] = {
+        "run_name": f"sd15-{reward}-{method}",
+        "seed": 0,
+        "backbone": {"kind": "sd", "path": "stable-diffusion-v1-5/stable-diffusion-v1-5", "dtype": "bfloat16",
+                     "lora_rank": 4, "lora_alpha": 4.0, "lora_targets": ["to_q", "to_k", "to_v", "to_out.0"],
+                     "gradient_checkpointing": False, "heads": "backbone"},
+        "reward": r["reward"],
+        "prompts": r["prompts"],
+        "sampling": {"num_steps": 50, "guidance_scale": 5.0, "eta": 1.0, "log_prob_reduction": "mean",
+                     "batch_size": 16, "batches_per_epoch": 4},
+        "lookahead": {"mode": "cached", "model": "policy", "guided": True},
+        "logging": {"sample_every": 5, "checkpoint_every": 5, "keep_checkpoints": 3, "eval_samples": 32,
+                    "grid_prompts": 8},
+        "reliability": {"max_nan_streak": 5, "on_bad_reward": "skip"},
+    }
+    if method in ("dag-db", "dag-kl"):  # spec/dag.md §5: 64 traj/GPU/epoch, micro 8 x (4 x 50 slots), 100 epochs
+        cfg["beta"] = {"value": r["dag_beta"], "schedule": "linear", "warmup_fraction": 0.5}
+        cfg["training"] = {"epochs": 100, "micro_batch": 8, "grad_accum": 200, "lr": 3e-4, "lr_heads": 3e-4,
+                           "weight_decay": 1e-4, "weight_decay_heads": 1e-4, "adam_betas": [0.9, 0.999],
+                           "clip_norm": 1.0, "mixed_precision": "bf16"}
+        opts: dict[str, Any] = {"trust_region": 1.0, "fraction": 1.0}
+        if method == "dag-kl":
+            opts.update({"clip_range": 1e-4, "adv_clip": 5.0})
+        cfg["method"] = {"name": method, "options": opts}
+    elif method in ("nabla-db", "residual-nabla-db"):  # spec/nabla_gfn.md §6.3: 6 transitions/traj, 200 updates
+        cfg["backbone"]["lora_rank"], cfg["backbone"]["lora_alpha"] = 8, 8.0
+        cfg["beta"] = {"value": r["nabla_beta"], "schedule": "constant"}
+        cfg["training"] = {"epochs": 100, "micro_batch": r["nabla_micro"], "grad_accum": 6 * r["nabla_accum"],
+                           "lr": 1e-3, "lr_heads": 1e-3, "weight_decay": 1e-4, "weight_decay_heads": 1e-2,
+                           "adam_betas": [0.9, 0.999], "clip_norm": 1.0, "mixed_precision": "bf16"}
+        cfg["method"] = {"name": method, "options": {"trust_region": r["nabla_lambda"], "fraction": 0.1,
+                                                     "stratified": True, "gamma": "alpha_bar"}}
+    elif method == "ddpo":  # DDPO: 32 samples/GPU/epoch, 2 updates, clip 1e-4, lr 3e-4
+        cfg["beta"] = {"value": 1.0, "schedule": "constant"}
+        cfg["sampling"].update({"batch_size": 8, "batches_per_epoch": 4, "guidance_scale": 5.0,
+                                "log_prob_reduction": "mean"})
+        cfg["training"] = {"epochs": 100, "micro_batch": 8, "grad_accum": 100, "lr": 3e-4, "lr_heads": 3e-4,
+                           "weight_decay": 1e-4, "adam_betas": [0.9, 0.999], "clip_norm": 1.0,
+                           "mixed_precision": "bf16"}
+        cfg["method"] = {"name": "ddpo", "options": {"clip_range": 1e-4, "adv_clip": 5.0, "fraction": 1.0}}
+    elif method == "reward-backprop":  # DRaFT-LV as the ∇-GFlowNet baseline
+        cfg["beta"] = {"value": 1.0, "schedule": "constant"}
+        cfg["training"] = {"epochs": 100, "micro_batch": 4, "grad_accum": 8, "lr": 1e-4, "lr_heads": 1e-4,
+                           "weight_decay": 1e-4, "adam_betas": [0.9, 0.999], "clip_norm": 1.0,
+                           "mixed_precision": "bf16"}
+        cfg["backbone"]["gradient_checkpointing"] = True
+        cfg["method"] = {"name": "reward-backprop", "options": {"variant": "draft-lv", "lv_samples": 2}}
+    else:
+        raise ValueError(f"method={method!r} has no SD1.5 preset; use one of {', '.join(METHODS)}")
+    return cfg
+
+
+def all_presets() -> dict[str, dict[str, Any]]:
+    out = {f"digits-{m}": digits_preset(m) for m in METHODS}
+    for reward in _SD_REWARDS:
+        for m in _SD_METHODS_FOR.get(reward, METHODS):
+            out[f"sd15-{reward}-{m}"] = sd15_preset(reward, m)
+    return out
+
+
+def render(cfg: dict[str, Any]) -> str:
+    head = f"# gfnalign preset {cfg['run_name']} (generated by `python -m gfnalign.training.presets`; edit there)\n"
+    return head + yaml.safe_dump(cfg, sort_keys=False)
+
+
+def write_all(*dirs: Path) -> list[Path]:
+    written = []
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        for name, cfg in all_presets().items():
+            path = d / f"{name}.yaml"
+            path.write_text(render(cfg))
+            written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    root = Path(__file__).resolve().parents[3]
+    targets = [Path(a) for a in sys.argv[1:]] or [root / "configs", root / "src" / "gfnalign" / "configs"]
+    for p in write_all(*targets):
+        print(p)
