@@ -28,8 +28,8 @@ class RefParamPolicy(PointMassPolicy):
 
 
 def lookahead():
-    return FnLookahead(value=lambda x, t, term: torch.tanh(x @ A),
-                       grad=lambda x, t, term: (1 - torch.tanh(x @ A)[:, None] ** 2) * A)
+    return FnLookahead(value=lambda x, t, term: torch.tanh(x @ A.to(x)),
+                       grad=lambda x, t, term: (1 - torch.tanh(x @ A.to(x))[:, None] ** 2) * A.to(x))
 
 
 def world(seed=0):
@@ -158,3 +158,18 @@ def test_bad_options_raise_naming_the_field(name, kw):
         build_objective(name, state_shape=(2,), **kw)
     with pytest.raises(ValueError, match="state_shape"):
         build_objective("dag-db")
+
+
+def test_half_precision_batches_are_computed_in_float32():
+    pol = PointMassPolicy(make_schedule(4), mlp_init=0.3).float()
+    traj = sample(pol.double(), B=4, reward_fn=lambda x: torch.tanh(x @ A).float())
+    pol = pol.float()
+    obj = build_objective("dag-db", state_shape=(2,), head_zero_init=False)
+    batch = obj.select_transitions(traj)
+    half = batch.with_fields(x_t=batch.x_t.to(torch.bfloat16), x_next=batch.x_next.to(torch.bfloat16),
+                             eps_old=batch.eps_old.float())
+    ref = batch.with_fields(x_t=half.x_t.float(), x_next=half.x_next.float(), eps_old=batch.eps_old.float())
+    out_h = obj(half, pol, lookahead(), beta=BETA)
+    out_f = obj(ref, pol, lookahead(), beta=BETA)
+    assert out_h.residual.dtype == torch.float32
+    assert torch.allclose(out_h.residual, out_f.residual, atol=1e-5)

@@ -125,3 +125,9 @@ def test_select_transitions_gathers_rows(world):
     assert batch.log_prob_reduction == "sum"
     with pytest.raises(ValueError, match="fraction"):
         select_transitions(traj, fraction=0.0)
+
+
+def test_rollout_promotes_half_precision_states_to_float32():
+    pol = PointMassPolicy(make_schedule(4), mlp_init=0.3).float()
+    traj = rollout(pol, None, torch.randn(3, 2).to(torch.bfloat16), generator=torch.Generator().manual_seed(0))
+    assert traj.states.dtype == torch.float32 and traj.log_pf.dtype == torch.float32

@@ -183,6 +183,19 @@ class TransitionObjective(Objective):
         )
 
     # -- helpers ---------------------------------------------------------------------------------------
+    @staticmethod
+    def working_precision(batch: TransitionBatch) -> TransitionBatch:
+        """The batch with states in at least float32: balance residuals are differences of large summed
+        log-probabilities, which half precision cannot represent."""
+        dtype = torch.promote_types(batch.x_t.dtype, torch.float32)
+        if batch.x_t.dtype == dtype and batch.x_next.dtype == dtype:
+            return batch
+        changes = {"x_t": batch.x_t.to(dtype), "x_next": batch.x_next.to(dtype), "eps_old": batch.eps_old.to(dtype)}
+        for name in ("lookahead_grad_t", "lookahead_grad_next"):
+            if getattr(batch, name) is not None:
+                changes[name] = getattr(batch, name).to(dtype)
+        return batch.with_fields(**changes)
+
     def policy_kernel(
         self, policy: PolicyModel, batch: TransitionBatch, *, reference: bool = False, x_t: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, GaussianKernel]:

@@ -112,6 +112,7 @@ class DAGDB(TransitionObjective):
         self, batch: TransitionBatch, policy: PolicyModel, lookahead: Lookahead | None, beta: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
         """``(delta [N] with grad, log_pf [N], eps [N,...], metrics)``."""
+        batch = self.working_precision(batch)
         check_terminal_reward(batch)
         sched = policy.schedule
         x_t = batch.x_t

@@ -83,6 +83,7 @@ class DDPO(TransitionObjective):
     def forward(  # type: ignore[override]
         self, batch: TransitionBatch, policy: PolicyModel, lookahead: Lookahead | None, *, beta: float
     ) -> LossOutput:
+        batch = self.working_precision(batch)
         if batch.advantage is None:
             raise ValueError("ddpo: batch.advantage is None; call objective.prepare(traj) before select_transitions")
         eps, kernel = self.policy_kernel(policy, batch)

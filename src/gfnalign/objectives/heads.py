@@ -17,7 +17,8 @@ internally by ``num_train_timesteps``. ``cond`` may be ``None``, ``[N, D]`` (pro
 Initialisation: the score head's output layer (weight *and* bias) is zero by default, so g_phi = 0 at
 start and the objective begins from its forward-looking guess alone (the authors zero only the bias).
 The log-flow head's output layer is zero too by default (``zero_init=False`` keeps PyTorch's init).
-Heads compute in their own parameter dtype and return the input's dtype.
+Heads compute in their own parameter dtype and return ``promote_types(x.dtype, parameter dtype)`` (a float32
+head on bf16 latents answers in float32; on float64 toy states in float64).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class MLPHead(nn.Module):
             h = torch.nn.functional.silu(layer(h))
         y = self.out(h)
         y = y.squeeze(1) if self.scalar else y
-        return y.to(x.dtype)
+        return y.to(torch.promote_types(x.dtype, dtype))
 
 
 def _groups(ch: int) -> int:
@@ -174,9 +175,10 @@ class ConvHead(nn.Module):
         for block, down in zip(self.blocks, self.down, strict=True):
             h = down(block(h, e))
         h = torch.nn.functional.silu(self.norm_out(h))
+        out_dtype = torch.promote_types(x.dtype, dtype)
         if self.scalar:
-            return self.out(h.mean(dim=(2, 3))).squeeze(1).to(x.dtype)
-        return self.out(h).to(x.dtype)
+            return self.out(h.mean(dim=(2, 3))).squeeze(1).to(out_dtype)
+        return self.out(h).to(out_dtype)
 
 
 def _check_shape(state_shape: Sequence[int]) -> tuple[int, ...]:

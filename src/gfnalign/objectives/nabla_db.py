@@ -60,6 +60,7 @@ class NablaDB(ScoreBalanceObjective):
     def forward(  # type: ignore[override]
         self, batch: TransitionBatch, policy: PolicyModel, lookahead: Lookahead | None, *, beta: float
     ) -> LossOutput:
+        batch = self.working_precision(batch)
         x_t, x_next, cond = batch.x_t, batch.x_next, batch.cond
         t, t_next, a, an = policy.schedule.at_steps(batch.step, dtype=x_t.dtype, device=x_t.device)
         last = batch.is_last

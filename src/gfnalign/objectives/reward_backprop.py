@@ -120,6 +120,7 @@ class RewardBackprop(TransitionObjective):
     def forward(  # type: ignore[override]
         self, batch: TransitionBatch, policy: PolicyModel, lookahead: Lookahead | None, *, beta: float
     ) -> LossOutput:
+        batch = self.working_precision(batch)
         if lookahead is None:
             raise ValueError("reward-backprop needs a Lookahead with grad_log_reward (a differentiable reward)")
         sched = policy.schedule

@@ -66,7 +66,7 @@ def rollout(
         prompts: optional prompt strings, stored for logging and rewards.
 
     Returns:
-        A :class:`TrajectoryBatch` with ``states [B, K+1, ...]``, ``log_pf [B, K]``, ``eps [B, K, ...]`` and
+        A :class:`TrajectoryBatch` with ``states [B, K+1, ...]`` (in ``x_init``'s dtype, at least float32), ``log_pf [B, K]``, ``eps [B, K, ...]`` and
         ``reward`` filled with NaN (the trainer scores ``traj.final`` and fills it).
     """
     _check_reduction(reduction)
@@ -84,7 +84,8 @@ def rollout(
         raise ValueError(f"steps must lie in [0, {schedule.num_steps - 1}], got {steps.tolist()}")
     B = x_init.shape[0]
     device = x_init.device
-    x = x_init
+    # states and log-probs live in at least float32 (bf16 summed log-probs would be useless)
+    x = x_init.to(torch.promote_types(x_init.dtype, torch.float32))
     states = [x]
     log_pfs, epss = [], []
     iterator = steps.tolist()
