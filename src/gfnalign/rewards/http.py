@@ -147,7 +147,7 @@ class HttpReward(Reward):
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
         self.headers = dict(headers or {})
-        self.name = name or f"http:{url}"
+        self.name = name or "http"
 
     def _request(self, images: torch.Tensor, prompts: list[str]) -> urllib.request.Request:
         if self.format == "png":
