@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="a config YAML instead of RUN/config.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set sampling.num_steps=10 (repeatable)")
-    p.add_argument("--lora", type=Path, help="adapter folder to evaluate (default RUN/final); 'none' = pretrained only")
+    p.add_argument("--lora", type=Path, help="adapter folder (RUN/final) or checkpoint (RUN/checkpoints/step_N) to evaluate (default RUN/final); "
+                        "'none' = pretrained only")
     p.add_argument("--samples", type=int, default=16, help="images per prompt and model (default 16, at least 2)")
     p.add_argument("--prompts", help="prompt set spec (default: the run's prompts), e.g. digits or prompts.txt")
     p.add_argument("--max-prompts", type=int, default=None, help="evaluate only the first K prompts")
@@ -53,6 +54,21 @@ def _prompt_list(prompt_set) -> list[str]:
         return [str(v) for v in list(prompt_set)]
     except TypeError as err:
         raise ValueError(f"cannot list the prompts of {prompt_set!r}; pass --prompts with a file or set name") from err
+
+
+def load_weights(backbone, folder: Path) -> None:
+    """Load a diffusers-format LoRA folder (``final/``) or a trainer checkpoint (``checkpoints/step_N``)."""
+    import torch
+
+    if not folder.is_dir():
+        raise SystemExit(f"gfnalign eval: LoRA folder {folder} does not exist; pass --lora DIR or --lora none")
+    if (folder / "trainable.pt").is_file():
+        backbone.load_trainable_state_dict(torch.load(folder / "trainable.pt", map_location="cpu"))
+    elif (folder / "pytorch_lora_weights.safetensors").is_file() or (folder / "unet").is_dir():
+        backbone.load_adapter(folder)
+    else:
+        raise SystemExit(f"gfnalign eval: {folder} holds neither pytorch_lora_weights.safetensors nor a checkpoint's "
+                         "trainable.pt; pass RUN/final or RUN/checkpoints/step_N")
 
 
 def _auto_features(kind: str) -> str:
@@ -89,9 +105,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(cfg.seed)
     backbone = build_backbone(cfg, device)
     if lora is not None and str(lora) != "none":
-        if not Path(lora).is_dir():
-            raise SystemExit(f"gfnalign eval: LoRA folder {lora} does not exist; pass --lora DIR or --lora none")
-        backbone.load_adapter(lora)
+        load_weights(backbone, Path(lora))
 
     from gfnalign.rewards import build_reward as build_any_reward
     from gfnalign.rewards.prompts import load_prompts

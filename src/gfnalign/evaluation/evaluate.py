@@ -52,6 +52,8 @@ class SampleSet:
 
 
 def _initial_noise(backbone: Any, n: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if callable(getattr(backbone, "initial_noise", None)):
+        return backbone.initial_noise(n, generator).to(device)
     shape = (n, *tuple(backbone.latent_shape))
     return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
 
@@ -103,6 +105,21 @@ def sample_images(
     )
 
 
+def pretrained_samples(
+    backbone: Any, prompts: Sequence[str], samples_per_prompt: int, *, floor: bool = True, seed: int = 0,
+    batch_size: int = 64, eta: float = 1.0,
+) -> tuple[SampleSet, SampleSet | None]:
+    """The pretrained model's samples (same noise as the fine-tuned pass) and, with ``floor``, a second set
+    from independent noise (seed + 7919) for the drift floor."""
+    prompts = list(dict.fromkeys(prompts))
+    kw = {"seed": seed, "batch_size": batch_size, "eta": eta}
+    pre = sample_images(backbone, prompts, samples_per_prompt, reference=True, **kw)
+    pre2 = None
+    if floor:
+        pre2 = sample_images(backbone, prompts, samples_per_prompt, reference=True, **{**kw, "seed": seed + 7919})
+    return pre, pre2
+
+
 def _reward_name(reward: Any, i: int) -> str:
     return str(getattr(reward, "name", None) or getattr(reward, "__name__", None) or f"reward{i}")
 
@@ -142,8 +159,13 @@ def evaluate_backbone(
     metric: str | None = None,
     floor: bool = True,
     shrinkage: float | None = None,
+    pretrained: tuple[SampleSet, SampleSet | None] | None = None,
 ) -> dict[str, Any]:
-    """Sample, score and compare; returns the JSON-ready result described in the module docstring."""
+    """Sample, score and compare; returns the JSON-ready result described in the module docstring.
+
+    ``pretrained``: the ``(pretrained, floor)`` sample sets from :func:`pretrained_samples` with the same
+    prompts, samples, seed, batch size and eta, to reuse across evaluations of one base model.
+    """
     prompts = list(dict.fromkeys(prompts))  # unique, in order: per-prompt metrics group by string
     if not prompts:
         raise ValueError("evaluation needs at least one prompt; check --prompts")
@@ -155,10 +177,11 @@ def evaluate_backbone(
     t0 = time.perf_counter()
     kw = {"seed": seed, "batch_size": batch_size, "eta": eta}
     fine = sample_images(backbone, prompts, samples_per_prompt, reference=False, **kw)
-    pre = sample_images(backbone, prompts, samples_per_prompt, reference=True, **kw)
-    pre2 = None
-    if floor:
-        pre2 = sample_images(backbone, prompts, samples_per_prompt, reference=True, **{**kw, "seed": seed + 7919})
+    if pretrained is None:
+        pretrained = pretrained_samples(backbone, prompts, samples_per_prompt, floor=floor, **kw)
+    pre, pre2 = pretrained
+    if pre.prompts != fine.prompts:
+        raise ValueError("evaluate_backbone: the given pretrained samples were drawn for other prompts/sample counts")
     t_sample = time.perf_counter() - t0
 
     r_fine, r_pre = score_rewards(rewards, fine, batch_size), score_rewards(rewards, pre, batch_size)
