@@ -89,7 +89,13 @@ def run(args: argparse.Namespace) -> int:
         if args.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"warning: serving on {args.host}, reachable from other machines; the server has no "
                   "authentication", file=sys.stderr)
-        server = make_reward_server(spec, args.host, args.port, max_body_mb=args.max_body_mb, verbose=args.verbose)
+        try:
+            server = make_reward_server(
+                spec, args.host, args.port, max_body_mb=args.max_body_mb, verbose=args.verbose
+            )
+        except (ValueError, TypeError, OSError, ImportError) as err:  # bad spec, missing file/package, port in use
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         reward = server.reward
         print(f"serving reward '{reward.name}' (inputs {reward.inputs}) at {server.url}  (Ctrl-C stops)", flush=True)
         try:
