@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import METHODS, Harness, measure  # noqa: E402
+from throughput import METHODS, Harness, accepts_option, measure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ def build_backbone(tiny: bool, device: torch.device, dtype: str, steps: int, gui
 
 def method_config(method: str, batch: int, steps: int, fraction: float) -> dict[str, Any]:
     options: dict[str, Any] = {}
-    if method not in ("ddpo", "reward-backprop"):
+    if accepts_option(method, "fraction"):
         options["fraction"] = fraction
     return {
         "seed": 0,
