@@ -173,3 +173,27 @@ def test_half_precision_batches_are_computed_in_float32():
     out_f = obj(ref, pol, lookahead(), beta=BETA)
     assert out_h.residual.dtype == torch.float32
     assert torch.allclose(out_h.residual, out_f.residual, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dag-db", "nabla-db", "residual-nabla-db"])
+def test_one_head_pass_and_one_lookahead_call_per_loss(name):
+    pol, traj = world()
+    obj = build_objective(name, state_shape=(2,)).double()
+    head_name = next(iter(obj.trainable_modules()))
+    head = getattr(obj, head_name)
+    calls = []
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = head
+
+        def forward(self, x, t, c):
+            calls.append(len(x))
+            return self.inner(x, t, c)
+
+    setattr(obj, head_name, Counting())
+    la = lookahead()
+    batch = obj.select_transitions(traj, torch.Generator().manual_seed(0))
+    obj(batch, pol, la, beta=BETA)
+    assert len(calls) == 1 and la.calls == 1

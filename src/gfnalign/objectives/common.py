@@ -86,6 +86,37 @@ def apply_rows(fn: Any, mask: torch.Tensor, x: torch.Tensor, t: torch.Tensor, co
     return scatter_rows(mask, vals.to(like.dtype), like)
 
 
+def cat_cond(a: Any, b: Any) -> Any:
+    if a is None and b is None:
+        return None
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b], dim=0)
+    return list(a) + list(b)
+
+
+def apply_two(
+    fn: Any, x_a: torch.Tensor, t_a: torch.Tensor, mask_a: torch.Tensor, x_b: torch.Tensor, t_b: torch.Tensor,
+    mask_b: torch.Tensor, cond: Any, like_a: torch.Tensor, like_b: torch.Tensor,
+    terminal_a: torch.Tensor | None = None, terminal_b: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One call of ``fn`` on the rows ``mask_a`` of ``x_a`` and ``mask_b`` of ``x_b`` together (one network
+    pass instead of two), scattered back into zeros shaped like ``like_a`` / ``like_b``."""
+    ia = mask_a.nonzero(as_tuple=True)[0]
+    ib = mask_b.nonzero(as_tuple=True)[0]
+    na = int(ia.numel())
+    if na + int(ib.numel()) == 0:
+        return torch.zeros_like(like_a), torch.zeros_like(like_b)
+    x = torch.cat([x_a[ia], x_b[ib]], dim=0)
+    t = torch.cat([t_a[ia], t_b[ib]], dim=0)
+    c = cat_cond(index_rows(cond, ia), index_rows(cond, ib))
+    kwargs = {}
+    if terminal_a is not None and terminal_b is not None:
+        kwargs["terminal"] = torch.cat([terminal_a[ia], terminal_b[ib]], dim=0)
+    out = fn(x, t, c, **kwargs)
+    return (scatter_rows(mask_a, out[:na].to(like_a.dtype), like_a),
+            scatter_rows(mask_b, out[na:].to(like_b.dtype), like_b))
+
+
 def gamma_weight(mode: str, alpha_bar: torch.Tensor) -> torch.Tensor:
     """Forward-looking weight γ(ᾱ): ``one`` -> 1, ``alpha_bar`` -> ᾱ (the ∇-GFlowNet code's default
     "squared" mode), ``sqrt_alpha_bar`` -> √ᾱ."""
@@ -113,6 +144,8 @@ def lookahead_reward(
 ) -> torch.Tensor:
     """Raw r(x̂0(x)) ``[N]`` (detached) on ``rows`` (zeros elsewhere), from the cache when present."""
     like = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    if not bool(rows.any()):
+        return like
     if cached is not None:
         return torch.where(rows, cached.to(like), like).detach()
     la = _need_lookahead(lookahead, "lookahead rewards r(x̂0(x))")
@@ -127,6 +160,8 @@ def lookahead_grad(
     terminal: torch.Tensor, rows: torch.Tensor,
 ) -> torch.Tensor:
     """Raw ∇_x r(x̂0(x)) like x (detached) on ``rows`` (zeros elsewhere), from the cache when present."""
+    if not bool(rows.any()):
+        return torch.zeros_like(x).detach()
     if cached is not None:
         m = rows.reshape(-1, *([1] * (x.dim() - 1)))
         return torch.where(m, cached.to(x), torch.zeros_like(x)).detach()
@@ -134,6 +169,34 @@ def lookahead_grad(
     out = apply_rows(lambda xx, tt, cc, terminal: la.grad_log_reward(xx, tt, cc, terminal=terminal),
                      rows, x.detach(), t, cond, x, terminal=terminal)
     return out.to(x).detach()
+
+
+def lookahead_pair(
+    kind: str, lookahead: Lookahead | None, cached_t: torch.Tensor | None, cached_next: torch.Tensor | None,
+    x_t: torch.Tensor, t: torch.Tensor, rows_t: torch.Tensor, x_next: torch.Tensor, t_next: torch.Tensor,
+    rows_next: torch.Tensor, terminal_next: torch.Tensor, cond: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lookahead values (``kind="reward"``, ``[N]``) or gradients (``kind="grad"``, like x) at x_t and x_next,
+    from the caches when present, otherwise with a single Lookahead call for both states."""
+    single = lookahead_reward if kind == "reward" else lookahead_grad
+    no_term = torch.zeros_like(terminal_next)
+    need_t = bool(rows_t.any()) and cached_t is None
+    need_next = bool(rows_next.any()) and cached_next is None
+    if not (need_t and need_next):
+        return (single(lookahead, cached_t, x_t, t, cond, no_term, rows_t),
+                single(lookahead, cached_next, x_next, t_next, cond, terminal_next, rows_next))
+    if kind == "reward":
+        la = _need_lookahead(lookahead, "lookahead rewards r(x̂0(x))")
+        like = torch.zeros(x_t.shape[0], dtype=x_t.dtype, device=x_t.device)
+        with torch.no_grad():
+            a, b = apply_two(lambda x, tt, c, terminal: la.log_reward(x, tt, c, terminal=terminal),
+                             x_t, t, rows_t, x_next, t_next, rows_next, cond, like, like, no_term, terminal_next)
+    else:
+        la = _need_lookahead(lookahead, "reward gradients ∇r(x̂0(x))")
+        a, b = apply_two(lambda x, tt, c, terminal: la.grad_log_reward(x, tt, c, terminal=terminal),
+                         x_t.detach(), t, rows_t, x_next.detach(), t_next, rows_next, cond, x_t, x_next,
+                         no_term, terminal_next)
+    return a.detach(), b.detach()
 
 
 def check_terminal_reward(batch: TransitionBatch) -> None:

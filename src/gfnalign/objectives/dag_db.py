@@ -14,10 +14,10 @@ from gfnalign.core.protocols import Lookahead, PolicyModel
 from gfnalign.objectives.base import LossOutput, register
 from gfnalign.objectives.common import (
     TransitionObjective,
-    apply_rows,
+    apply_two,
     approx_kl,
     check_terminal_reward,
-    lookahead_reward,
+    lookahead_pair,
 )
 from gfnalign.objectives.heads import make_log_flow_head
 
@@ -95,13 +95,12 @@ class DAGDB(TransitionObjective):
         nonterminal = ~batch.is_last
         all_rows = torch.ones_like(batch.is_last)
         like = torch.zeros(len(batch), dtype=dtype, device=x_t.device)
-        log_f_t = self.log_flow_head(x_t, t, cond).to(dtype)
-        log_f_next = apply_rows(self.log_flow_head, nonterminal, x_next, t_next, cond, like).to(dtype)
+        # one head pass over x_t (all rows) and x_next (non-terminal rows)
+        log_f_t, log_f_next = apply_two(self.log_flow_head, x_t, t, all_rows, x_next, t_next, nonterminal, cond,
+                                        like, like)
         if self.forward_looking:
-            r_t = lookahead_reward(lookahead, batch.lookahead_reward_t, x_t, t, cond,
-                                   torch.zeros_like(batch.is_last), all_rows)
-            r_next = lookahead_reward(lookahead, batch.lookahead_reward_next, x_next, t_next, cond,
-                                      batch.is_last, nonterminal)
+            r_t, r_next = lookahead_pair("reward", lookahead, batch.lookahead_reward_t, batch.lookahead_reward_next,
+                                         x_t, t, all_rows, x_next, t_next, nonterminal, batch.is_last, cond)
             log_f_t = log_f_t + beta * r_t
             log_f_next = log_f_next + beta * r_next
         terminal = beta * batch.reward.to(x_t.device, dtype)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from gfnalign.core.batches import TransitionBatch
 from gfnalign.core.kernels import score_pb_next, score_pb_t
 from gfnalign.core.protocols import Lookahead, PolicyModel
@@ -61,15 +59,14 @@ class NablaDB(ScoreBalanceObjective):
         self, batch: TransitionBatch, policy: PolicyModel, lookahead: Lookahead | None, *, beta: float
     ) -> LossOutput:
         batch = self.working_precision(batch)
-        x_t, x_next, cond = batch.x_t, batch.x_next, batch.cond
+        x_t, x_next = batch.x_t, batch.x_next
         t, t_next, a, an = policy.schedule.at_steps(batch.step, dtype=x_t.dtype, device=x_t.device)
-        last = batch.is_last
         scale = self.reduction_scale(x_t)
 
         eps, kernel, fwd, rev = self.policy_scores(policy, batch, reference=False)
 
-        psi_next = self.forward_looking_term(lookahead, batch.lookahead_grad_next, x_next, t_next, cond, an, last, beta)
-        psi_next = psi_next + self.head(x_next, t_next, cond, ~last)
+        psi_next, psi_t, _ = self.flow_scores(batch, lookahead, beta, t, t_next, a, an,
+                                              at_t=self.uses_reverse, final_head=False)
         r_fwd = scale * (fwd - score_pb_next(x_t, x_next, a, an)) - psi_next
         l_fwd = mean_dims(r_fwd**2)
         terms = {"fwd": l_fwd}
@@ -77,10 +74,7 @@ class NablaDB(ScoreBalanceObjective):
         residual = l_fwd.detach()
 
         if self.uses_reverse:
-            nonterm = torch.zeros_like(last)
-            psi_t = self.forward_looking_term(lookahead, batch.lookahead_grad_t, x_t, t, cond, a, nonterm, beta)
-            psi_t = psi_t + self.head(x_t, t, cond, torch.ones_like(last))
-            assert rev is not None
+            assert rev is not None and psi_t is not None
             r_rev = scale * (rev - score_pb_t(x_t, x_next, a, an)) + psi_t
             l_rev = mean_dims(r_rev**2)
             terms["rev"] = l_rev

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from gfnalign.core.batches import TransitionBatch
 from gfnalign.core.protocols import Lookahead, PolicyModel
 from gfnalign.objectives.base import LossOutput, register
@@ -89,7 +87,7 @@ class ResidualNablaDB(ScoreBalanceObjective):
         self, batch: TransitionBatch, policy: PolicyModel, lookahead: Lookahead | None, *, beta: float
     ) -> LossOutput:
         batch = self.working_precision(batch)
-        x_t, x_next, cond = batch.x_t, batch.x_next, batch.cond
+        x_t, x_next = batch.x_t, batch.x_next
         t, t_next, a, an = policy.schedule.at_steps(batch.step, dtype=x_t.dtype, device=x_t.device)
         last = batch.is_last
         scale = self.reduction_scale(x_t)
@@ -98,28 +96,25 @@ class ResidualNablaDB(ScoreBalanceObjective):
         eps, kernel, fwd, rev = self.policy_scores(policy, batch, reference=False)
         _, _, fwd_ref, rev_ref = self.policy_scores(policy, batch, reference=True)
 
+        final_head = self.flow_score_head is not None and self.terminal_loss_weight > 0 and bool(last.any())
+        psi_next, psi_t, g_final = self.flow_scores(batch, lookahead, beta, t, t_next, a, an,
+                                                    at_t=self.uses_reverse, final_head=final_head)
         # forward residual at x_next
-        psi_next = self.forward_looking_term(lookahead, batch.lookahead_grad_next, x_next, t_next, cond, an, last, beta)
-        g_next = self.head(x_next, t_next, cond, ~last)
-        r_fwd = scale * fwd - (s * scale * fwd_ref + psi_next + g_next)
+        r_fwd = scale * fwd - (s * scale * fwd_ref + psi_next)
         l_fwd = mean_dims(r_fwd**2)
         terms = {"fwd": l_fwd}
         per = l_fwd
         residual = l_fwd.detach()
 
         if self.uses_reverse:
-            nonterm = torch.zeros_like(last)
-            psi_t = self.forward_looking_term(lookahead, batch.lookahead_grad_t, x_t, t, cond, a, nonterm, beta)
-            g_t = self.head(x_t, t, cond, torch.ones_like(last))
-            assert rev is not None and rev_ref is not None
-            r_rev = scale * rev - (s * scale * rev_ref - psi_t - g_t)
+            assert rev is not None and rev_ref is not None and psi_t is not None
+            r_rev = scale * rev - (s * scale * rev_ref - psi_t)
             l_rev = mean_dims(r_rev**2)
             terms["rev"] = l_rev
             per = per + self.reverse_loss_weight * l_rev
             residual = residual + self.reverse_loss_weight * l_rev.detach()
 
-        if self.flow_score_head is not None and self.terminal_loss_weight > 0 and bool(last.any()):
-            g_final = self.head(x_next, t_next, cond, last)
+        if g_final is not None:
             l_term = mean_dims(g_final**2)
             terms["terminal"] = l_term
             per = per + self.terminal_loss_weight * l_term

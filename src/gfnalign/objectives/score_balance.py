@@ -21,11 +21,11 @@ from gfnalign.core.protocols import Lookahead, PolicyModel
 from gfnalign.objectives.common import (
     GAMMAS,
     TransitionObjective,
-    apply_rows,
+    apply_two,
     check_choice,
     check_nonneg,
     gamma_weight,
-    lookahead_grad,
+    lookahead_pair,
 )
 from gfnalign.objectives.heads import make_flow_score_head
 
@@ -88,24 +88,45 @@ class ScoreBalanceObjective(TransitionObjective):
         return self.reverse_loss_weight > 0
 
     # -- flow scores -----------------------------------------------------------------------------------
-    def head(self, x: torch.Tensor, t: torch.Tensor, cond: Any, rows: torch.Tensor) -> torch.Tensor:
-        """g_phi on ``rows`` (zeros elsewhere, and everywhere without a head)."""
-        if self.flow_score_head is None:
-            return torch.zeros_like(x)
-        return apply_rows(self.flow_score_head, rows, x, t, cond, x).to(x.dtype)
+    def flow_scores(
+        self, batch: TransitionBatch, lookahead: Lookahead | None, beta: float, t: torch.Tensor,
+        t_next: torch.Tensor, a: torch.Tensor, an: torch.Tensor, *, at_t: bool, final_head: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(ψ(x_next), ψ(x_t) or None, g_phi(x_final) or None)``, each like x.
 
-    def forward_looking_term(
-        self, lookahead: Lookahead | None, cached: torch.Tensor | None, x: torch.Tensor, t: torch.Tensor, cond: Any,
-        alpha_bar: torch.Tensor, terminal: torch.Tensor, beta: float,
-    ) -> torch.Tensor:
-        """``beta * γ * ∇r(x̂0(x))`` where forward-looking applies, plus ``beta * ∇r(x)`` on terminal rows
-        (γ = 1 at the clean terminal state); zeros on the remaining rows."""
-        rows = terminal if not self.forward_looking else torch.ones_like(terminal)
-        if not bool(rows.any()):
-            return torch.zeros_like(x)
-        grad = lookahead_grad(lookahead, cached, x, t, cond, terminal, rows)
-        g = torch.where(terminal, torch.ones_like(alpha_bar), gamma_weight(self.gamma, alpha_bar))
-        return beta * g.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1))) * grad
+        ψ(x, t) = g_phi(x, t, c) + beta·γ(ᾱ_t)·∇r(x̂0(x)) (the second term with ``forward_looking``);
+        on terminal rows ψ(x_next) = beta·∇r(x_final) (γ = 1, no g_phi). ``g_phi(x_final)`` (terminal rows,
+        zeros elsewhere) is returned when ``final_head`` for the terminal loss. The head runs once over all
+        the states it is needed at, and so does the Lookahead.
+        """
+        x_t, x_next, cond, last = batch.x_t, batch.x_next, batch.cond, batch.is_last
+        ones, zeros = torch.ones_like(last), torch.zeros_like(last)
+
+        def bcast(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+            return w.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+        # reward-gradient terms (raw ∇r from the cache or one Lookahead call)
+        rows_next = ones if self.forward_looking else last
+        rows_t = ones if (self.forward_looking and at_t) else zeros
+        grad_t, grad_next = lookahead_pair(
+            "grad", lookahead, batch.lookahead_grad_t, batch.lookahead_grad_next,
+            x_t, t, rows_t, x_next, t_next, rows_next, last, cond,
+        )
+        gamma_next = torch.where(last, torch.ones_like(an), gamma_weight(self.gamma, an))
+        psi_next = beta * bcast(gamma_next, x_next) * grad_next
+        psi_t = beta * bcast(gamma_weight(self.gamma, a), x_t) * grad_t if at_t else None
+        g_final = None
+        if self.flow_score_head is not None:
+            head_next = ~last | last if final_head else ~last
+            g_next, g_t = apply_two(self.flow_score_head, x_next, t_next, head_next, x_t, t, ones if at_t else zeros,
+                                    cond, x_next, x_t)
+            m = last.reshape(-1, *([1] * (x_next.dim() - 1)))
+            psi_next = psi_next + torch.where(m, torch.zeros_like(g_next), g_next)
+            if final_head:
+                g_final = torch.where(m, g_next, torch.zeros_like(g_next))
+            if at_t:
+                psi_t = psi_t + g_t
+        return psi_next, psi_t, g_final
 
     # -- policy scores ---------------------------------------------------------------------------------
     def policy_scores(
