@@ -24,7 +24,8 @@ exactly (Stable Diffusion's configs say False: the last step lands on ``alphas_c
 config steps to alpha-bar 1 in diffusers (a deterministic last step with zero variance, which has no
 density); here its last step lands on ``alphas_cumprod[0]`` instead (noise std ≈ 0.03 for SD's schedule),
 so every transition has a Gaussian log-probability. This differs from ``DDPMScheduler.step`` only in the
-last step.
+last step. It needs a grid whose last timestep is > 0 (``steps_offset=1`` as in SD's configs, or
+``timestep_spacing="trailing"``); a DDPM grid ending at timestep 0 is rejected with that advice.
 """
 
 from __future__ import annotations
@@ -73,11 +74,21 @@ def _looks_like_local_path(p: str | Path) -> bool:
 
 
 def schedule_from_scheduler_config(config: Any, num_inference_steps: int) -> NoiseSchedule:
-    """The backbone's :class:`NoiseSchedule` (see the module docstring for the final alpha-bar rule)."""
+    """The backbone's :class:`NoiseSchedule` from a scheduler object or its config dict (a dict needs
+    ``_class_name`` to be recognised as DDPM; see the module docstring for the final alpha-bar rule)."""
     cfg = dict(getattr(config, "config", config))
-    sched = NoiseSchedule.from_config(cfg, num_inference_steps)
-    is_ddpm = "DDPM" in str(cfg.get("_class_name", "")) and "set_alpha_to_one" not in cfg
+    cls_name = str(cfg.get("_class_name") or (type(config).__name__ if hasattr(config, "config") else ""))
+    is_ddpm = "DDPM" in cls_name and "set_alpha_to_one" not in cfg
     if is_ddpm:
+        cfg["_class_name"] = cls_name
+    sched = NoiseSchedule.from_config(cfg, num_inference_steps)
+    if is_ddpm:
+        if int(sched.timesteps[-1]) == 0:
+            raise ValueError(
+                f"DDPM scheduler config with {num_inference_steps} steps ends its grid at timestep 0, so the last "
+                "step (to a clean sample) is deterministic and has no log-probability; set steps_offset=1 (as "
+                "Stable Diffusion's configs do) or timestep_spacing='trailing' in the scheduler config"
+            )
         sched = NoiseSchedule.from_config(
             cfg, num_inference_steps, final_alpha_cumprod=float(sched.alphas_cumprod[0])
         )
@@ -151,7 +162,7 @@ class StableDiffusionBackbone(nn.Module):
             )
         self.image_size = image_size
         self.latent_shape = (int(unet.config.in_channels), h, h)
-        self.schedule = schedule_from_scheduler_config(scheduler.config, num_inference_steps)
+        self.schedule = schedule_from_scheduler_config(scheduler, num_inference_steps)
         self.init_noise_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
 
         # frozen base weights in `dtype`
@@ -347,8 +358,9 @@ class StableDiffusionBackbone(nn.Module):
 
     def _eps(self, x, t, cond, *, reference: bool, guidance: float) -> torch.Tensor:
         t, cond = self._check(x, t, cond)
-        ctx = torch.no_grad() if reference else contextlib.nullcontext()
-        with ctx, (self.reference() if reference else contextlib.nullcontext(self.unet)) as unet:
+        # The reference's weights are frozen, so no parameter gets a gradient from it; it still runs with
+        # autograd on so that ∇_x of its log P_F (residual ∇-DB's reverse score) can be taken.
+        with (self.reference() if reference else contextlib.nullcontext(self.unet)) as unet:
             if guidance == 1.0:
                 out = self._unet_out(unet, x, t, cond)
             else:
@@ -366,7 +378,7 @@ class StableDiffusionBackbone(nn.Module):
     ) -> torch.Tensor:
         """Guided ε like ``x``: ``ε_u + w (ε_c − ε_u)`` with ``w = guidance_scale`` (default: the backbone's).
 
-        ``w = 1`` runs the conditional branch only. ``reference=True``: pretrained model, no grad.
+        ``w = 1`` runs the conditional branch only. ``reference=True``: pretrained model (frozen; differentiable in ``x`` only).
         """
         w = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         if not w >= 1.0:
