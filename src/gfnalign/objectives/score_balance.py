@@ -5,6 +5,10 @@ Per-transition reduction of a squared score residual: the **mean over the state 
 latent size and comparable with their λ values; the scores themselves are exact gradients of the
 log-densities (of ``sum``-reduced log-probs, or divided by D for ``log_prob_reduction="mean"``).
 Note that score residuals scale like (c_t/σ_t²)·Δε, so low-noise steps dominate (spec/nabla_gfn.md §1.3).
+
+Reproducing the ∇-GFlowNet code: use ``log_prob_reduction="sum"`` (the default). Its scores are exact
+per-element gradients −(x_next − μ)/σ² and its "mean" is only the MSE reduction over elements, which
+this implementation always applies; ``"mean"`` here would divide the scores by D (β·D rescaling).
 """
 
 from __future__ import annotations
