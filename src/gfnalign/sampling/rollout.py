@@ -60,7 +60,8 @@ def rollout(
         generator: torch generator for the per-step noise (deterministic given its state).
         steps: ``[K]`` schedule step indices to run, in order (default: all steps of the schedule).
             They must be consecutive (``steps[k+1] == steps[k] + 1``) so that each step starts where the
-            previous one landed.
+            previous one landed. Objectives treat the last recorded state as terminal (``is_last``), so a
+            rollout meant for training must end at the schedule's last step (e.g. ``arange(k, K)``).
         show_progress: a tqdm bar over steps.
         prompt_id, traj_id: ``[B]`` int64 (default ``arange(B)``).
         prompts: optional prompt strings, stored for logging and rewards.
