@@ -227,3 +227,23 @@ def test_residual_nabla_db_pretrained_policy_has_zero_residual_at_beta_zero():
     batch = obj.select_transitions(traj, torch.Generator().manual_seed(0))
     out = obj(batch, pol, FnLookahead(grad=lambda x, t, term: A.expand_as(x)), beta=0.0)
     assert out.residual.abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("reverse", [0.0, 1.0])
+def test_nabla_db_prior_score_vanishes_at_exact_flow_score(reverse):
+    """With prior_score, ψ = −ε_#/√(1−ā) + g + FL: g only carries the tilt √ā(m' − m)/(1−ā)."""
+    sched = make_schedule()
+    r, rgrad = db_reward(sched)
+    center = tilted_center(sched, BETA)
+    head = ExactScoreHead(sched, lambda x, ab: (ab.sqrt() * (center - M) / (1 - ab)).expand_as(x), True, "alpha_bar")
+    obj = build_objective("nabla-db", flow_score_head=head, prior_score=True, reverse_loss_weight=reverse)
+    assert obj.needs_reference and not build_objective("nabla-db", state_shape=(2,)).needs_reference
+    la = FnLookahead(grad=lambda x, t, term: torch.where(term[:, None], rgrad(x), u_grad(x, t, term)))
+    traj = sample(exact_tilted_policy(sched, BETA), reward_fn=r)
+    batch = obj.select_transitions(traj, torch.Generator().manual_seed(0))
+    out = obj(batch, exact_tilted_policy(sched, BETA), la, beta=BETA)
+    assert out.residual.abs().max() < 1e-8
+    bad = exact_tilted_policy(sched, BETA)
+    with torch.no_grad():
+        bad.shift.add_(0.3)
+    assert obj(batch, bad, la, beta=BETA).residual.mean() > 1e-2

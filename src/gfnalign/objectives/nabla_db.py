@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 from gfnalign.core.batches import TransitionBatch
 from gfnalign.core.kernels import score_pb_next, score_pb_t
 from gfnalign.core.protocols import Lookahead, PolicyModel
 from gfnalign.objectives.base import LossOutput, register
-from gfnalign.objectives.common import approx_kl, mean_dims
+from gfnalign.objectives.common import apply_two, approx_kl, mean_dims
 from gfnalign.objectives.score_balance import ScoreBalanceObjective
 
 
@@ -46,6 +50,11 @@ class NablaDB(ScoreBalanceObjective):
     trust region                    yes                                 --
     ==============================  ==================================  =============
 
+    ``prior_score=True`` adds the pretrained model's marginal score −ε_#(x, t)/√(1−ᾱ_t) (Tweedie; detached,
+    one reference pass) to ψ at non-terminal states, so g_phi only learns the correction to the pretrained
+    flow score instead of the whole ∇log p_t from zero (the fixed point is unchanged: ψ is just
+    re-parametrised; ``needs_reference`` becomes True).
+
     ``reverse_trains_policy`` (default False, like the authors' code) builds the reverse score with
     ``create_graph=True`` so the reverse loss also trains θ (second order, expensive). Squared score
     residuals are averaged over dimensions per transition (see :mod:`.score_balance`).
@@ -54,6 +63,30 @@ class NablaDB(ScoreBalanceObjective):
     name = "nabla-db"
     needs_reward_gradient = True
     needs_reference = False
+
+    def __init__(self, *args: Any, prior_score: bool = False, **kw: Any):
+        super().__init__(*args, **kw)
+        self.prior_score = bool(prior_score)
+        # instance attribute: the trainer reads the flag from the built objective
+        self.needs_reference = self.prior_score
+
+    def reference_scores(
+        self, policy: PolicyModel, batch: TransitionBatch, t: torch.Tensor, t_next: torch.Tensor,
+        a: torch.Tensor, an: torch.Tensor, *, at_t: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tweedie's marginal score of the pretrained model, −ε_#(x, t)/√(1−ᾱ_t), at x_next (non-terminal
+        rows) and x_t (when ``at_t``); detached, one reference pass."""
+        last = batch.is_last
+        with torch.no_grad():
+            e_next, e_t = apply_two(lambda x, tt, c: policy.eps(x, tt, c, reference=True),
+                                    batch.x_next, t_next, ~last, batch.x_t, t,
+                                    torch.ones_like(last) if at_t else torch.zeros_like(last),
+                                    batch.cond, batch.x_next, batch.x_t)
+
+        def score(e: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
+            return -e / (1 - ab).clamp(min=1e-12).sqrt().to(e.dtype).reshape(-1, *([1] * (e.dim() - 1)))
+
+        return score(e_next, an), score(e_t, a)
 
     def forward(  # type: ignore[override]
         self, batch: TransitionBatch, policy: PolicyModel, lookahead: Lookahead | None, *, beta: float
@@ -67,6 +100,10 @@ class NablaDB(ScoreBalanceObjective):
 
         psi_next, psi_t, _ = self.flow_scores(batch, lookahead, beta, t, t_next, a, an,
                                               at_t=self.uses_reverse, final_head=False)
+        if self.prior_score:
+            prior_next, prior_t = self.reference_scores(policy, batch, t, t_next, a, an, at_t=self.uses_reverse)
+            psi_next = psi_next + prior_next  # zero on terminal rows
+            psi_t = None if psi_t is None else psi_t + prior_t
         r_fwd = scale * (fwd - score_pb_next(x_t, x_next, a, an)) - psi_next
         l_fwd = mean_dims(r_fwd**2)
         terms = {"fwd": l_fwd}
