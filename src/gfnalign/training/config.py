@@ -176,7 +176,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!r}; allowed keys under "
+            f"unknown config key '{prefix}{unknown[0]}'; allowed keys under "
             f"{prefix.rstrip('.') or 'the top level'}: {', '.join(known)}"
         )
     kwargs = {}
