@@ -118,3 +118,18 @@ def test_demo_embedded_config_is_valid():
     assert out.returncode == 0, out.stderr
     cfg = yaml.safe_load(out.stdout)
     assert cfg["method"]["name"] == "residual-nabla-db" and cfg["reward"] == "digit-alignment"
+
+
+def test_demo_smoke_on_the_shipped_digits_model(tmp_path):
+    """A minute-sized version of `gfnalign demo` (the full one is `make demo`)."""
+    from gfnalign.backbones.digits import CLASSIFIER_DIR, PIPELINE_DIR
+
+    if not (PIPELINE_DIR / "model_index.json").is_file() or not (CLASSIFIER_DIR / "model.safetensors").is_file():
+        pytest.skip("shipped digits assets are not present")
+    out = _gfnalign("demo", "--out", str(tmp_path / "demo"), "--set", "training.epochs=1", "--set",
+                    "sampling.num_steps=5", "--set", "sampling.batch_size=4", "--set", "logging.eval_samples=20",
+                    "--set", "logging.progress=false")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "demo finished" in out.stdout
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "pretrained (before)" in report and "fine-tuned (after)" in report

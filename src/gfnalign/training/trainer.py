@@ -42,7 +42,7 @@ from gfnalign.core.batches import TrajectoryBatch, TransitionBatch
 from gfnalign.training import checkpoint as ckpt
 from gfnalign.training.build import Components, build_components
 from gfnalign.training.config import TrainConfig
-from gfnalign.training.lookahead import CountingPolicy, Counters, RewardLookahead
+from gfnalign.training.lookahead import Counters, CountingPolicy, RewardLookahead
 
 
 class NanLossError(RuntimeError):
@@ -516,7 +516,7 @@ class Trainer:
     # evaluation, grids, final export
     # ---------------------------------------------------------------------------------------------
     def _eval_prompts(self, n: int) -> list[str]:
-        uniq = list(dict.fromkeys(self.all_prompts))[: min(8, len(set(self.all_prompts)))]
+        uniq = list(dict.fromkeys(self.all_prompts))[:10]
         per = max(2, math.ceil(n / max(len(uniq), 1))) if n > 0 else 1
         return [p for p in uniq for _ in range(per)]
 
