@@ -179,6 +179,9 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "samples").mkdir(exist_ok=True)
+            if not self.resume:  # a fresh run: drop leftovers of an earlier attempt that never checkpointed
+                for name in ("metrics.jsonl", "eval_before.json", "eval_after.json", "report.md"):
+                    (self.run_dir / name).unlink(missing_ok=True)
             cfg.save(self.run_dir / "config.yaml")
         self._barrier()
 
