@@ -689,6 +689,7 @@ class Trainer:
                 start = int(resume_state["next_update"])
                 epoch_metrics = resume_state["epoch_metrics"]
                 self.lookahead.set_prompts(resume_state["prompt_cond"], resume_state["prompt_texts"])
+                self._epoch_prompts = (resume_state["prompt_cond"], resume_state["prompt_texts"])
                 ckpt.set_rng_state(self._resume_rng)
             else:
                 seed_everything(derive_seed(cfg.seed, "epoch", self.rank, epoch))
@@ -741,12 +742,10 @@ class Trainer:
                         f"{cfg.reliability.max_nan_streak}); stopped at step {self.step}. The last checkpoint under "
                         f"{self.run_dir / 'checkpoints'} is intact; lower training.lr or raise trust_region")
                 if u < len(updates) - 1 and self._should_stop():
-                    cond, texts = self.lookahead._cond_table, self.lookahead._prompt_table
                     self.save_checkpoint({
                         "updates": [[_batch_to_dict(mb) for mb in mbs] for mbs in updates],
                         "next_update": u + 1, "epoch_metrics": epoch_metrics,
-                        "prompt_cond": self._epoch_prompts[0] if hasattr(self, "_epoch_prompts") else cond,
-                        "prompt_texts": list(self._epoch_prompts[1] or []) if hasattr(self, "_epoch_prompts") else texts,
+                        "prompt_cond": self._epoch_prompts[0], "prompt_texts": list(self._epoch_prompts[1] or []),
                     })
                     return True
             bar.close()
