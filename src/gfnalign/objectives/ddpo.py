@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from typing import Any
 
@@ -76,6 +77,12 @@ class DDPO(TransitionObjective):
         self.adv_clip = float(adv_clip)
         if not self.adv_clip > 0:
             raise ValueError(f"adv_clip={adv_clip} must be > 0 (e.g. 5)")
+        if self.log_prob_reduction == "sum" and self.clip_range < 1e-2:
+            warnings.warn(
+                f"%s: clip_range={self.clip_range} with log_prob_reduction='sum' clips almost every ratio (the "
+                "1e-4 of DDPO's code is for per-dimension mean log-ratios); use clip_range ~0.2 with 'sum' or "
+                "log_prob_reduction='mean'" % self.name, stacklevel=2,
+            )
 
     def prepare(self, traj: TrajectoryBatch) -> TrajectoryBatch:
         return replace(traj, advantage=per_prompt_advantages(traj.reward, traj.prompt_id))
