@@ -159,7 +159,14 @@ def write_report(run_dir: Path, *, config: Any, before: dict[str, Any] | None, a
         dr = after["reward_mean"] - before["reward_mean"]
         dd = (after["diversity"] / before["diversity"]) if before["diversity"] else float("nan")
         lines += ["", f"Reward change: {dr:+.4g}; diversity kept: {100 * dd:.0f}% of the pretrained model's "
-                  f"(features: {after.get('features', 'pixels')}, {after.get('n', '?')} images)."]
+                  f"(features: {after.get('features', 'pixels')}, {after.get('n', '?')} images per model)."]
+        if after.get("prior_drift") is not None:
+            lines += [f"Prior drift (per-prompt Fréchet distance of the features, fine-tuned vs pretrained, same "
+                      f"seeds): {after['prior_drift']:.4g}."]
+        pb, pa = before.get("reward_per_prompt") or {}, after.get("reward_per_prompt") or {}
+        if pb and pa:
+            lines += ["", "| prompt | reward before | reward after |", "|---|---|---|"]
+            lines += [f"| {p} | {_fmt(pb.get(p))} | {_fmt(pa.get(p))} |" for p in pa]
     lines.append("")
     if curve:
         lines += ["## Reward during training", "", "![reward curve](reward_curve.png)", ""]

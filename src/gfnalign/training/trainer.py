@@ -556,6 +556,24 @@ class Trainer:
         images, rewards = self.generate(prompts, "report")
         fx = self._feature_fn()
         div = diversity(images, prompts, fx)
+        drift = None
+        try:
+            from gfnalign.evaluation.metrics import prior_drift
+
+            feats = (fx or (lambda im: im.flatten(1)))(images).float().cpu()
+            ids = torch.tensor([prompts.index(p) for p in prompts])
+            fpath = self.run_dir / "eval_before_features.pt"
+            if tag == "before":
+                torch.save({"features": feats, "ids": ids}, fpath)
+            elif fpath.is_file():
+                ref = torch.load(fpath)
+                drift = prior_drift(feats, ref["features"], ids, ref["ids"])[0]
+        except Exception as err:  # the report still works without the evaluation package
+            print(f"[gfnalign] prior drift not computed: {err}", file=sys.stderr)
+        by_prompt = {}
+        for p in dict.fromkeys(prompts):
+            vals = rewards[[i for i, q in enumerate(prompts) if q == p]]
+            by_prompt[p] = float(vals[torch.isfinite(vals)].mean()) if torch.isfinite(vals).any() else float("nan")
         per_prompt = len(prompts) // max(len(set(prompts)), 1)
         grid = save_grid(images, [f"{p.replace('a handwritten digit ', '')} r={float(r):.2f}"
                                   for p, r in zip(prompts, rewards)],
@@ -564,6 +582,7 @@ class Trainer:
         return {"reward_mean": float(finite.mean()) if finite.numel() else float("nan"),
                 "reward_std": float(finite.std()) if finite.numel() > 1 else 0.0,
                 "diversity": div, "n": len(prompts), "features": getattr(fx, "name", "pixels:16"),
+                "prior_drift": drift, "reward_per_prompt": by_prompt,
                 "grid": str(grid.relative_to(self.run_dir))}
 
     def _sample_grid(self, name: str) -> None:
