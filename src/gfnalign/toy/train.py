@@ -41,34 +41,36 @@ BASELINES = ("ddpo", "reward-backprop")
 # Per-method defaults, tuned on two shared CPU cores for about two minutes per method (see BENCHMARKS.md).
 # "objective": options for build_objective; the rest drives this loop.
 DEFAULTS: dict[str, dict[str, Any]] = {
+    # ∇-GFlowNet prototype lead: forward loss only, x̂0 from the reference model, γ = 1
     "residual-nabla-db": {
         "objective": {"no_flow": True, "gamma": "one"},
-        "updates": 300, "batch_size": 256, "lr": 1e-3, "head_lr": 1e-3, "lookahead_model": "reference",
+        "updates": 1200, "batch_size": 256, "lr": 3e-3, "head_lr": 1e-3, "lookahead_model": "reference",
     },
     "dag-db": {
-        "objective": {},
-        "updates": 300, "batch_size": 256, "lr": 1e-3, "head_lr": 3e-3, "lookahead_model": "reference",
+        "objective": {"fraction": 0.1, "stratified": True},
+        "updates": 1000, "batch_size": 256, "lr": 5e-4, "head_lr": 3e-3, "lookahead_model": "reference",
     },
     "dag-kl": {
-        "objective": {},
-        "updates": 300, "batch_size": 256, "lr": 1e-3, "head_lr": 3e-3, "lookahead_model": "reference",
+        "objective": {"fraction": 0.1, "stratified": True},
+        "updates": 1000, "batch_size": 256, "lr": 5e-4, "head_lr": 3e-3, "lookahead_model": "reference",
     },
+    # γ = 1 is required here: the lookahead carries ∇log p_t of the prior term, which must not be damped
     "nabla-db": {
-        "objective": {},
-        "updates": 300, "batch_size": 256, "lr": 1e-3, "head_lr": 1e-3, "lookahead_model": "reference",
+        "objective": {"gamma": "one"},
+        "updates": 1200, "batch_size": 256, "lr": 3e-3, "head_lr": 1e-3, "lookahead_model": "reference",
     },
     "ddpo": {
-        "objective": {},
-        "updates": 300, "batch_size": 256, "lr": 1e-3, "head_lr": 1e-3, "lookahead_model": "reference",
+        "objective": {"clip_range": 0.2, "fraction": 0.2},
+        "updates": 600, "batch_size": 256, "lr": 1e-3, "head_lr": 1e-3, "lookahead_model": "reference",
     },
     "reward-backprop": {
-        "objective": {},
-        "updates": 300, "batch_size": 256, "lr": 1e-3, "head_lr": 1e-3, "lookahead_model": "reference",
+        "objective": {"variant": "draft-k", "k": 10},
+        "updates": 600, "batch_size": 256, "lr": 1e-3, "head_lr": 1e-3, "lookahead_model": "reference",
     },
 }
 _LOOP_KEYS = ("updates", "batch_size", "lr", "head_lr", "lookahead_model", "anneal_updates", "grad_clip",
               "prior_flow", "updates_per_rollout", "weight_decay", "hidden", "depth", "num_steps",
-              "parametrization")
+              "parametrization", "lr_decay")
 
 
 def method_config(method: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -85,6 +87,7 @@ def method_config(method: str, overrides: dict[str, Any] | None = None) -> dict[
     cfg.setdefault("depth", 3)
     cfg.setdefault("num_steps", 50)
     cfg.setdefault("parametrization", "score")
+    cfg.setdefault("lr_decay", "cosine")
     for key, value in (overrides or {}).items():
         if key == "objective":
             cfg["objective"].update(value)
@@ -144,6 +147,15 @@ def train(
         groups.append({"params": head_params, "lr": cfg["head_lr"]})
     opt = torch.optim.AdamW(groups, weight_decay=cfg["weight_decay"])
     all_params = [p for g in groups for p in g["params"]]
+    if cfg["lr_decay"] not in ("cosine", "none"):
+        raise ValueError(f"lr_decay={cfg['lr_decay']!r}; use 'cosine' (to 10% at the end) or 'none'")
+
+    def lr_factor(u: int) -> float:
+        if cfg["lr_decay"] == "none" or updates <= 1:
+            return 1.0
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * u / (updates - 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
     B, d, K = int(cfg["batch_size"]), mixture.dim, schedule.num_steps
     last: dict[str, float] = {}
@@ -156,7 +168,9 @@ def train(
             lookahead.prior_scale = 1.0 / beta_u
         if traj is None or u % int(cfg["updates_per_rollout"]) == 0:
             x_init = torch.randn(B, d, dtype=DTYPE, generator=gen)
-            traj = rollout(policy, None, x_init, eta=1.0, reduction="sum", generator=gen)
+            # one (unconditional) prompt: DDPO-style per-prompt statistics pool the whole batch
+            traj = rollout(policy, None, x_init, eta=1.0, reduction="sum", generator=gen,
+                           prompt_id=torch.zeros(B, dtype=torch.int64))
             final = traj.final
             states = traj.states.reshape(B * (K + 1), d)
             t_all = torch.cat([schedule.timesteps, schedule.next_timesteps[-1:]]).repeat(B)
@@ -177,6 +191,7 @@ def train(
         if cfg["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(all_params, float(cfg["grad_clip"]))
         opt.step()
+        sched.step()
         last = {"loss/total": float(out.loss.detach()), **{k: float(v) for k, v in out.metrics.items()}}
         last["reward/mean"] = float(lookahead.reward(final.to(DTYPE)).mean())
         if log is not None and (u % log_every == 0 or u == updates - 1):

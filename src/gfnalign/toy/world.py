@@ -84,15 +84,16 @@ class Correction(nn.Module):
         return self.net(self.features(x, t, alpha_bar))
 
 
-PARAMETRIZATIONS = ("score", "eps")
+PARAMETRIZATIONS = ("score", "std", "eps")
 
 
-def score_preconditioner(schedule: NoiseSchedule, eta: float = 1.0) -> torch.Tensor:
-    """[T] factor ``w(t) = σ_t² / c_t`` with ``c_t = ∂mean/∂ε`` of the step that starts at timestep t.
+def score_preconditioner(schedule: NoiseSchedule, eta: float = 1.0, power: float = 2.0) -> torch.Tensor:
+    """[T] factor ``w(t) = σ_t^power / c_t`` with ``c_t = ∂mean/∂ε`` of the step that starts at timestep t.
 
-    With ``Δε = w(t) h`` the kernel's mean moves by ``σ_t² h``, i.e. ``h`` is a correction of the
-    *score* ∇ log P_F (the quantity the ∇-DB objectives balance, and ∇ log F̃ of the tilt). Rows where
-    the step has no variance (t = 0, the terminal level) get 0.
+    ``power=2``: with ``Δε = w(t) h`` the kernel's mean moves by ``σ_t² h``, i.e. ``h`` is a correction of
+    the *score* ∇ log P_F (the quantity the ∇-DB objectives balance, and ∇ log F̃ of the tilt).
+    ``power=1``: the mean moves by ``σ_t h`` (h in units of the step's noise). Rows where the step has no
+    variance (t = 0, the terminal level) get 0.
     """
     ac = schedule.alphas_cumprod.to(DTYPE)
     T = ac.shape[0]
@@ -103,7 +104,7 @@ def score_preconditioner(schedule: NoiseSchedule, eta: float = 1.0) -> torch.Ten
     var = eta**2 * ((1 - an) / (1 - a) * (1 - a / an)).clamp(min=0)
     c = (1 - an - var).clamp(min=0).sqrt() - an.sqrt() * (1 - a).sqrt() / a.sqrt()
     ok = (var > 0) & (c.abs() > 1e-12)
-    return torch.where(ok, var / torch.where(ok, c, torch.ones_like(c)), torch.zeros_like(c))
+    return torch.where(ok, var ** (power / 2) / torch.where(ok, c, torch.ones_like(c)), torch.zeros_like(c))
 
 
 class ToyPolicy(nn.Module):
@@ -116,6 +117,9 @@ class ToyPolicy(nn.Module):
     can express, only how the objectives' per-step residuals weigh the MLP's output. With
     ``"eps"`` (``w = 1``) a score-space residual weighs the late, low-noise steps ~10⁴× more than the
     early ones (``(c_t/σ_t²)²``), and the early steps, which decide the mode masses, barely train.
+    ``"std"`` (``w = σ_t/c_t``, mean shift ``σ_t h``) balances the *noise* of score residuals that involve
+    P_B (plain ∇-DB: at the last, tiny DDPM steps the Gaussian P_F's variance is ~0.45× the true reverse
+    variance, so ∇[log P_F − log P_B] carries O(1/σ_t) noise no mean can cancel).
 
     ``x`` is ``[N, d]``, ``t`` int64 diffusion timesteps ``[N]`` (or a scalar), ``cond`` is ignored.
     The exact part keeps its graph with respect to ``x`` (lookahead gradients and reverse scores need it).
@@ -139,7 +143,9 @@ class ToyPolicy(nn.Module):
         self.correction = Correction(mixture.dim, hidden, depth, int(schedule.alphas_cumprod.shape[0]))
         T = int(schedule.alphas_cumprod.shape[0])
         self.register_buffer(
-            "precond", score_preconditioner(schedule) if parametrization == "score" else torch.ones(T, dtype=DTYPE),
+            "precond",
+            score_preconditioner(schedule, power=2.0 if parametrization == "score" else 1.0)
+            if parametrization != "eps" else torch.ones(T, dtype=DTYPE),
             persistent=False,
         )
 
