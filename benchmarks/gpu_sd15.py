@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,2,4,8,16", help="batch sizes to try, ascending")
     p.add_argument("--steps", type=int, default=20, help="sampling steps per trajectory (papers: 50)")
     p.add_argument("--fraction", type=float, default=0.1, help="fraction of transitions trained per trajectory")
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1, help="timed sampling epochs")
+    p.add_argument("--train-repeats", type=int, default=3, help="timed training passes")
     p.add_argument("--dtype", default=None, help="frozen-weight dtype (default bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -209,10 +210,12 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 h = Harness(method_config(method, b, args.steps, args.fraction), device, backbone=backbone,
                             reward=reward)
-                res = measure(h.cfg.to_dict(), device, b, args.repeats, unit={}, harness=h)
-                updates = max(1, -(-res["transitions"] // b))
-                row = {"method": method, "batch": b, "sample_s_per_epoch": res["sample_s"] / args.repeats,
-                       "s_per_update": res["train_s"] / updates, "transitions_per_s": res["train_transitions_per_s"],
+                res = measure(h.cfg.to_dict(), device, b, args.repeats, unit={}, harness=h,
+                              train_repeats=args.train_repeats)
+                updates = max(1, -(-res["transitions_per_epoch"] // b))
+                row = {"method": method, "batch": b, "sample_s_per_epoch": min(res["sample_s"]),
+                       "s_per_update": res["train_s_per_transition"] * res["transitions_per_epoch"] / updates,
+                       "transitions_per_s": res["train_transitions_per_s"],
                        "nfe_per_transition": res["nfe_per_transition_train"],
                        "peak_mem_gb": res["peak_mem_mb"] / 1024}
                 row["fits_budget"] = row["peak_mem_gb"] <= args.budget_gb

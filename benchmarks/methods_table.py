@@ -95,7 +95,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def evaluate_runs(runs: dict[tuple[str, int], dict[str, Any]], evals: list[int], samples: int, seed: int,
-                  out: Path) -> dict[str, Any]:
+                  out: Path, overrides: list[str]) -> dict[str, Any]:
     import torch
 
     from gfnalign.evaluation.evaluate import evaluate_backbone, pretrained_samples
@@ -103,14 +103,14 @@ def evaluate_runs(runs: dict[tuple[str, int], dict[str, Any]], evals: list[int],
     from gfnalign.training.build import build_backbone, build_reward
     from gfnalign.training.config import TrainConfig
 
-    cfg = TrainConfig.load(ROOT / "configs" / "digits-residual-nabla-db.yaml")
+    cfg = TrainConfig.load(ROOT / "configs" / "digits-residual-nabla-db.yaml", overrides)
     torch.manual_seed(0)
     backbone = build_backbone(cfg, "cpu")
     reward = build_reward(cfg)
-    features = build_features("digits")
-    from gfnalign.backbones.digits import DIGIT_PROMPTS
+    features = build_features("digits" if cfg.backbone.kind == "digits" else "pixels:8")
+    from gfnalign.rewards.prompts import load_prompts
 
-    prompts = list(DIGIT_PROMPTS)
+    prompts = list(dict.fromkeys(load_prompts(cfg.prompts).prompts))
     kw = {"seed": seed, "batch_size": 80, "eta": cfg.sampling.eta}
     t0 = time.perf_counter()
     pre = pretrained_samples(backbone, prompts, samples, floor=True, **kw)
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(info.get("log", ""), flush=True)
     # equal budgets: every finished run should have the same number of updates
     steps = {k: max((r["step"] for r in read_metrics(Path(v["dir"]))), default=0) for k, v in runs.items() if v["ok"]}
-    results = evaluate_runs(runs, evals, args.samples, args.eval_seed, args.out)
+    results = evaluate_runs(runs, evals, args.samples, args.eval_seed, args.out, args.overrides)
     table = summarise(results, methods, evals)
     curve = curves(runs, methods)
     checks = check_targets(table, curve, results["pretrained"], evals)

@@ -320,6 +320,8 @@ def digits_config(method: str, lookahead: str, batch: int, steps: int, micro_bat
     options: dict[str, Any] = dict((base.get("method") or {}).get("options") or {})
     if fraction is not None and accepts_option(method, "fraction"):
         options["fraction"] = fraction
+    if reward.strip().startswith("{"):
+        reward = json.loads(reward)  # a reward spec with options, e.g. {"name": "digit-alignment", ...}
     base.update({"seed": 0, "reward": reward, "prompts": "digits", "method": {"name": method, "options": options}})
     base.setdefault("backbone", {})["kind"] = "digits"
     if pipeline:  # any diffusers SD folder instead of the shipped digits model (same code path)
@@ -333,57 +335,75 @@ def digits_config(method: str, lookahead: str, batch: int, steps: int, micro_bat
     return base
 
 
+def _add_rows(dst: dict[str, dict[str, int]], src: dict[str, dict[str, int]]) -> None:
+    for k, v in src.items():
+        d = dst.setdefault(k, {"grad": 0, "nograd": 0})
+        d["grad"] += v["grad"]
+        d["nograd"] += v["nograd"]
+
+
 def measure(cfg: dict[str, Any], device: torch.device, batch: int, repeats: int, unit: dict | None = None,
-            harness: Harness | None = None) -> dict[str, Any]:
+            harness: Harness | None = None, train_repeats: int = 6) -> dict[str, Any]:
+    """Sampling: ``repeats`` timed epochs' rollouts (+ reward, + cached lookahead). Training: ``train_repeats``
+    timed passes of select_transitions + micro-batched updates over the sampled trajectories (a step is
+    timed many times because one update is short and this CPU is shared). Min over repeats is reported."""
     h = harness or Harness(cfg, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     h.timed_epoch(batch)  # warm-up epoch (allocations, lazy init)
-    epochs = [h.timed_epoch(batch) for _ in range(repeats)]
-    # per-row costs at the size of the step's calls: one micro-batch (or all transitions, when fewer)
-    unit = unit if unit is not None else h.unit_costs(min(epochs[0]["transitions"], h.cfg.training.micro_batch))
-    n = sum(e["transitions"] for e in epochs)
-    ts = sum(e["train_s"] for e in epochs)
-    ss = sum(e["sample_s"] for e in epochs)
-    # fastest epoch per transition (other processes share this CPU; min is the least disturbed estimate)
-    best_train = min(e["train_s"] / e["transitions"] for e in epochs)
-    best_sample = min(e["sample_s"] / e["transitions"] for e in epochs)
-    rows_train: dict[str, dict[str, int]] = {}
+    samples, trajs = [], []
     rows_sample: dict[str, dict[str, int]] = {}
-    for e in epochs:
-        for dst, src in ((rows_train, e["rows_train"]), (rows_sample, e["rows_sample"])):
-            for k, v in src.items():
-                d = dst.setdefault(k, {"grad": 0, "nograd": 0})
-                d["grad"] += v["grad"]
-                d["nograd"] += v["nograd"]
-    bare_train = bare_cost(rows_train, unit)
-    bare_sample = bare_cost(rows_sample, unit)
-    trajs = batch * repeats
+    for _ in range(repeats):
+        h.probe.reset()
+        sync(device)
+        t0 = time.perf_counter()
+        trajs.append(h.sample(batch))
+        sync(device)
+        samples.append(time.perf_counter() - t0)
+        _add_rows(rows_sample, h.probe.snapshot())
+    trains, ns = [], []
+    rows_train: dict[str, dict[str, int]] = {}
+    for i in range(train_repeats):
+        h.probe.reset()
+        sync(device)
+        t0 = time.perf_counter()
+        n = h.train(trajs[i % len(trajs)])
+        sync(device)
+        trains.append(time.perf_counter() - t0)
+        ns.append(n)
+        _add_rows(rows_train, h.probe.snapshot())
+    n_per_epoch = ns[0]
+    unit = unit if unit is not None else h.unit_costs(min(n_per_epoch, h.cfg.training.micro_batch))
+    best_train = min(t / n for t, n in zip(trains, ns))  # seconds per transition, least disturbed run
+    best_sample = min(samples) / n_per_epoch  # sampling seconds per trained transition
+    n_train, n_sample = sum(ns), n_per_epoch * repeats
+    rows_train_pt = {k: {g: v / n_train for g, v in c.items()} for k, c in rows_train.items()}
+    rows_sample_pt = {k: {g: v / n_sample for g, v in c.items()} for k, c in rows_sample.items()}
+    bare_train = bare_cost(rows_train_pt, unit)  # per transition
+    bare_sample = bare_cost(rows_sample_pt, unit)
+    nfe_train = {k: c["grad"] + c["nograd"] for k, c in rows_train_pt.items()}
+    nfe_sample = {k: c["grad"] + c["nograd"] for k, c in rows_sample_pt.items()}
     return {
         "method": h.cfg.method.name,
         "lookahead": h.cfg.lookahead.mode,
-        "transitions": n,
-        "trajectories": trajs,
-        "train_s": ts,
-        "sample_s": ss,
+        "transitions_per_epoch": n_per_epoch,
+        "trajectories_per_epoch": batch,
+        "train_s": trains,
+        "sample_s": samples,
         "train_transitions_per_s": 1.0 / best_train,
         "epoch_transitions_per_s": 1.0 / (best_train + best_sample),
+        "median_train_transitions_per_s": 1.0 / sorted(t / n for t, n in zip(trains, ns))[len(trains) // 2],
         "train_s_per_transition": best_train,
         "epoch_s_per_transition": best_train + best_sample,
-        "mean_train_transitions_per_s": n / ts,
-        "mean_epoch_transitions_per_s": n / (ts + ss),
-        "nfe_per_transition_train": {k: (v["grad"] + v["nograd"]) / n for k, v in rows_train.items()},
-        "nfe_per_transition_epoch": {
-            k: (v["grad"] + v["nograd"] + rows_sample.get(k, {"grad": 0, "nograd": 0})["grad"]
-                + rows_sample.get(k, {"grad": 0, "nograd": 0})["nograd"]) / n for k, v in rows_train.items()
-        },
-        "rows_train": rows_train,
-        "rows_sample": rows_sample,
+        "nfe_per_transition_train": nfe_train,
+        "nfe_per_transition_epoch": {k: nfe_train.get(k, 0.0) + nfe_sample.get(k, 0.0) for k in nfe_train},
+        "rows_per_transition_train": rows_train_pt,
+        "rows_per_transition_sample": rows_sample_pt,
         "unit_costs": unit,
-        "bare_train_s": bare_train,
-        "bare_sample_s": bare_sample,
-        "train_overhead": best_train * n / bare_train if bare_train > 0 else float("nan"),
-        "sample_overhead": best_sample * n / bare_sample if bare_sample > 0 else float("nan"),
+        "bare_train_s_per_transition": bare_train,
+        "bare_sample_s_per_transition": bare_sample,
+        "train_overhead": best_train / bare_train if bare_train > 0 else float("nan"),
+        "sample_overhead": best_sample / bare_sample if bare_sample > 0 else float("nan"),
         "peak_mem_mb": peak_memory_mb(device),
     }
 
@@ -393,7 +413,7 @@ def _child(args: argparse.Namespace) -> int:
     cfg = digits_config(args.child_method, args.child_lookahead, args.batch, args.steps, args.micro_batch,
                         args.fraction, args.reward, args.child_lookahead_model, args.pipeline)
     try:
-        res = measure(cfg, device, args.batch, args.repeats)
+        res = measure(cfg, device, args.batch, args.repeats, train_repeats=args.train_repeats)
         res["lookahead_model"] = cfg["lookahead"].get("model", "reference")
     except Exception as err:  # report, do not hide: the parent prints it in the table
         import traceback
@@ -407,7 +427,8 @@ def _child(args: argparse.Namespace) -> int:
 def run_child(method: str, lookahead: str, args: argparse.Namespace, model: str | None = None) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child-method", method, "--child-lookahead", lookahead,
            "--batch", str(args.batch), "--steps", str(args.steps), "--repeats", str(args.repeats),
-           "--micro-batch", str(args.micro_batch), "--device", args.device, "--reward", args.reward]
+           "--micro-batch", str(args.micro_batch), "--device", args.device, "--reward", args.reward,
+           "--train-repeats", str(args.train_repeats)]
     if args.fraction is not None:
         cmd += ["--fraction", str(args.fraction)]
     if model:
@@ -465,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10, help="sampling steps")
     p.add_argument("--micro-batch", type=int, default=16, help="transitions per forward/backward")
     p.add_argument("--fraction", type=float, default=None, help="fraction of transitions trained (objective option)")
-    p.add_argument("--repeats", type=int, default=2, help="timed epochs after one warm-up epoch")
+    p.add_argument("--repeats", type=int, default=2, help="timed sampling epochs after one warm-up epoch")
+    p.add_argument("--train-repeats", type=int, default=6, help="timed training passes over the sampled batches")
     p.add_argument("--reward", default="digit-alignment")
     p.add_argument("--pipeline", default=None, help="a diffusers SD folder instead of the shipped digits model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -495,7 +517,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
     meta = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": platform.processor() or platform.machine(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
-            "batch": args.batch, "steps": args.steps, "micro_batch": args.micro_batch, "repeats": args.repeats}
+            "batch": args.batch, "steps": args.steps, "micro_batch": args.micro_batch, "repeats": args.repeats,
+            "train_repeats": args.train_repeats, "fraction": args.fraction, "reward": args.reward,
+            "pipeline": args.pipeline}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     md = markdown(results, args)
