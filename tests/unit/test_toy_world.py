@@ -184,3 +184,19 @@ def test_reward_spec_errors_name_the_field():
     for spec, field in cases:
         with pytest.raises(ValueError, match=field):
             reward_from_spec(spec, 2)
+
+
+@pytest.mark.parametrize("parametrization,power", [("score", 2), ("std", 1)])
+def test_preconditioned_correction_moves_the_mean_by_sigma_power_times_h(parametrization, power):
+    from gfnalign.core.kernels import forward_kernel
+
+    sched = toy_schedule()
+    pol = ToyPolicy(four_modes(), sched, parametrization=parametrization)
+    torch.nn.init.normal_(pol.correction.net[-1].weight)
+    x = torch.randn(50, 2, dtype=D)
+    t = sched.timesteps
+    h = pol.correction(x, t, pol.alpha_bar(t, 50))
+    a, an = sched.alpha_bars, sched.alpha_bars_next
+    k_pol = forward_kernel(x, pol.eps(x, t), a, an)
+    k_ref = forward_kernel(x, pol.eps(x, t, reference=True), a, an)
+    torch.testing.assert_close(k_pol.mean - k_ref.mean, k_ref.std**power * h, rtol=1e-8, atol=1e-12)
