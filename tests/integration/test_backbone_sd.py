@@ -178,6 +178,22 @@ def test_policy_works_with_forward_kernel_and_backprop(backbone):
     assert all(p.grad is None for p in b.vae.parameters()) and all(p.grad is None for p in b.text_encoder.parameters())
 
 
+def test_forward_kernel_reproduces_the_pipeline_scheduler_step(backbone):
+    """One policy step (guided eps + core kernel) equals diffusers' DDIMScheduler.step(eta=1) with that noise."""
+    b = backbone
+    sched = DDIMScheduler.from_config(b.scheduler.config)
+    sched.set_timesteps(b.schedule.num_steps)
+    x, _, cond = _inputs(b, seed=4)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    for k in (0, b.schedule.num_steps - 1):
+        t, _, a, an = b.schedule.at_steps(torch.full((len(x),), k))
+        with torch.no_grad():
+            eps = b.eps(x, t, cond)
+        ours = forward_kernel(x, eps, a, an, eta=1.0).sample(noise)
+        theirs = sched.step(eps, int(t[0]), x, eta=1.0, variance_noise=noise).prev_sample
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
 def test_predict_x0_decode_and_noise(backbone):
     b = backbone
     x, t, cond = _inputs(b)
