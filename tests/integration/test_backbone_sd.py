@@ -268,3 +268,19 @@ def test_bad_inputs_give_clear_errors(backbone, pipe_dir, tmp_path):
         backbone.eps(x, t, cond[:2])
     with pytest.raises(TypeError, match="integer"):
         backbone.eps(x, t.float(), cond)
+
+
+def test_v_prediction_is_converted_to_eps():
+    from gfnalign.core.parametrization import v_to_eps
+
+    c = build_components(seed=5)
+    sched = DDIMScheduler.from_config(c["scheduler"].config, prediction_type="v_prediction")
+    b = StableDiffusionBackbone(unet=c["unet"], vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"],
+                                scheduler=sched, num_inference_steps=4, guidance_scale=1.0, lora_rank=0)
+    assert b.schedule.prediction_type == "v_prediction" and b.trainable_parameters() == []
+    x, t, cond = _inputs(b, n=2)
+    with torch.no_grad():
+        v = b.unet(x, t, encoder_hidden_states=cond).sample
+        expected = v_to_eps(x, v, b.schedule.alpha_bar_of_timestep(t))
+    torch.testing.assert_close(b.eps(x, t, cond), expected)
+    assert torch.equal(b.eps(x, t, cond, reference=True), b.eps(x, t, cond).detach())
