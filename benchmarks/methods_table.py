@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "ddpo", "reward-backprop")
 
 
-def train_run(method: str, seed: int, epochs: int, evals: list[int], out: Path, overrides: list[str]) -> dict[str, Any]:
+def train_run(method: str, seed: int, epochs: int, evals: list[int], out: Path, overrides: list[str],
+              threads: int = 1) -> dict[str, Any]:
     """Train one (method, seed) with `gfnalign train`; returns {"dir", "seconds", "ok", "log"}."""
     run_dir = out / method / f"seed{seed}"
     done = run_dir / "final" / "pytorch_lora_weights.safetensors"
@@ -53,7 +54,8 @@ def train_run(method: str, seed: int, epochs: int, evals: list[int], out: Path, 
            "--out", str(run_dir)]
     for s in sets:
         cmd += ["--set", s]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": str(threads),
+           "MKL_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     dt = time.perf_counter() - t0
@@ -298,7 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "methods")
     p.add_argument("--skip-train", action="store_true", help="only evaluate existing runs")
     p.add_argument("--publish", action="store_true", help="copy the plots to docs/img/")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (1: on a CPU shared with other jobs, 2 threads thrash ~10x slower)")
     args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
     methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     evals = sorted({int(e) for e in args.evals.split(",")}) if args.evals else sorted({max(1, args.epochs // 3), args.epochs})
@@ -312,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.skip_train:
                 runs[(m, s)] = {"dir": str(run_dir), "ok": (run_dir / "final").is_dir()}
                 continue
-            info = train_run(m, s, args.epochs, evals, args.out, args.overrides)
+            info = train_run(m, s, args.epochs, evals, args.out, args.overrides, args.threads)
             runs[(m, s)] = info
             secs = "reused" if info.get("reused") else f"{info['seconds']:.0f}s"
             print(f"trained {m} seed {s}: {'ok' if info['ok'] else 'FAILED'} ({secs}, total "
@@ -333,10 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         dst.mkdir(parents=True, exist_ok=True)
         for pth in plots:
             shutil.copy(pth, dst / f"methods_{pth.name}")
-    import torch
-
     meta = {"command": " ".join(["python", *sys.argv]), "machine": f"{os.cpu_count()}-core {platform.processor() or platform.machine()}",
-            "torch": torch.__version__, "seconds": time.perf_counter() - t0, "epochs": args.epochs, "seeds": seeds,
+            "torch": torch.__version__, "threads": args.threads, "seconds": time.perf_counter() - t0, "epochs": args.epochs, "seeds": seeds,
             "evals": evals, "samples_per_prompt": args.samples, "updates_per_run": steps and max(steps.values())}
     (args.out / "results.json").write_text(json.dumps(
         {"meta": meta, "table": table, "pretrained": results["pretrained"], "curves": curve, "evals": results["evals"],

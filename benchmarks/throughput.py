@@ -435,7 +435,8 @@ def run_child(method: str, lookahead: str, args: argparse.Namespace, model: str 
         cmd += ["--child-lookahead-model", model]
     if args.pipeline:
         cmd += ["--pipeline", args.pipeline]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads),
+           "MKL_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith("@@RESULT@@"):
@@ -493,10 +494,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "out" / "throughput.json")
     p.add_argument("--markdown", action="store_true", help="print the BENCHMARKS.md table")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (1: on a CPU shared with other jobs, 2 threads thrash ~10x slower)")
     p.add_argument("--child-method", help=argparse.SUPPRESS)
     p.add_argument("--child-lookahead", default="cached", help=argparse.SUPPRESS)
     p.add_argument("--child-lookahead-model", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.child_method:
         return _child(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
