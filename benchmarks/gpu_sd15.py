@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--budget-gb", type=float, default=24.0)
     p.add_argument("--device", default=None, help="cuda (default) or cpu (only with --tiny in practice)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU smoke mode)")
     p.add_argument("--tiny", action="store_true", help="tiny components at 32 px (smoke test)")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "out" / "gpu_sd15.json")
     args = p.parse_args(argv)
@@ -183,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         args.device = "cuda"
     device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"gpu_sd15: --device {args.device} requested but CUDA is not available; nothing to do.")
         return 0
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"method": method, "batch": b, "error": "OOM" if _is_oom(err) else f"{type(err).__name__}: {err}"}
             rows.append(row)
             print(json.dumps(row), flush=True)
-            if "error" in row or not row.get("fits_budget", True):
+            if row.get("error") == "OOM" or not row.get("fits_budget", True):
                 break  # larger batches only need more memory
     largest = {}
     for m in methods:

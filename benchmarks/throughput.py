@@ -158,6 +158,10 @@ class Harness:
         self.probe = NetProbe()
         for name, mod in find_networks(self.backbone).items():
             self.probe.watch_module(name, mod)
+        self.heads = {f"head:{k}": m for k, m in self.objective.trainable_modules().items()
+                      if any(p.requires_grad for p in m.parameters())}
+        for name, mod in self.heads.items():  # the objective's own flow networks
+            self.probe.watch_module(name, mod)
         self.probe.watch_reward(self.reward)
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
         from gfnalign.rewards.prompts import load_prompts
@@ -262,6 +266,16 @@ class Harness:
 
         out: dict[str, dict[str, float]] = {}
         jobs = {"unet": (unet_f, unet_fb), "decoder": (dec_f, dec_fb), "reward": (rew_f, rew_fb)}
+        for hname, head in self.heads.items():
+            def head_f(head=head):
+                with torch.no_grad():
+                    head(x, t, cond)
+
+            def head_fb(head=head):
+                xi = x.detach().requires_grad_(True)
+                head(xi, t, cond).float().square().sum().backward()
+
+            jobs[hname] = (head_f, head_fb)
         for name, (f, fb) in jobs.items():
             costs = {}
             for kind, fn in (("fwd", f), ("fwdbwd", fb)):
@@ -279,7 +293,7 @@ class Harness:
                     times.append(time.perf_counter() - t0)
                 rows = sum(self.probe.counts.get(name, {}).values())
                 costs[kind] = min(times) / max(rows, 1)
-                for p in params:
+                for p in params + [q for m in self.heads.values() for q in m.parameters()]:
                     p.grad = None
             out[name] = costs
         self.probe.reset()
