@@ -10,8 +10,10 @@ Both sample sets are scored with every reward and embedded by one feature extrac
 * ``diversity``: per-prompt mean pairwise feature distance, averaged over prompts (:mod:`.metrics`);
 * ``prior_drift``: per-prompt Fréchet distance between fine-tuned and pretrained features, averaged;
 * ``prior_drift_floor``: the same distance between two *independent* pretrained sample sets (a second
-  noise seed). With few samples per prompt the Fréchet estimate is far from 0 even for identical
-  models, so read ``prior_drift`` against this floor;
+  noise seed). ``prior_drift`` uses common random numbers (both models start from the same noise), so
+  identical models score exactly 0 and methods are compared with low variance; the floor is the scale
+  of the estimator's sampling noise when the noise is *not* shared (large at few samples per prompt).
+  A drift approaching the floor means the model moved about as far as redrawing the noise does;
 * ``clip_score``: when the feature extractor can embed text (``clip:PATH``).
 
 The same numbers for the pretrained samples sit under ``pretrained`` and per prompt under ``per_prompt``.
@@ -263,7 +265,8 @@ def markdown_report(result: dict[str, Any], title: str = "Evaluation") -> str:
         f"## {title}",
         "",
         f"{result['samples_per_prompt']} samples per prompt × {result['num_prompts']} prompts, seed {result['seed']}, "
-        f"same noise for both models; features `{result['features']}` ({result['diversity_metric']} distance).",
+        f"same noise for both models; features `{result['features']}` ({result['diversity_metric']} distance). "
+        "Prior drift compares the two models' samples from the same noise (identical models give 0).",
         "",
         "| metric | fine-tuned | pretrained |",
         "|---|---|---|",
@@ -274,7 +277,7 @@ def markdown_report(result: dict[str, Any], title: str = "Evaluation") -> str:
                      f"{_fmt(p['mean'])} ± {_fmt(p['std'])} |")
     lines.append(f"| diversity (mean pairwise distance per prompt) | {_fmt(result['diversity'])} | {_fmt(pre['diversity'])} |")
     lines.append(f"| prior drift (per-prompt Fréchet vs pretrained) | {_fmt(result['prior_drift'])} | "
-                 f"floor {_fmt(result['prior_drift_floor'])} (pretrained vs pretrained, new noise) |")
+                 f"independent-noise reference {_fmt(result['prior_drift_floor'])} (pretrained vs pretrained, fresh noise) |")
     clip = result.get("clip_score")
     if isinstance(clip, dict) and "finetuned" in clip:
         lines.append(f"| CLIP score | {_fmt(clip['finetuned'])} | {_fmt(clip['pretrained'])} |")
