@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+# Before torch loads: OpenMP's default busy-waiting makes torch 10-100x slower whenever the CPU is
+# oversubscribed (shared machines, torchrun workers, other jobs); passive waiting costs ~nothing when idle.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # name -> (module under gfnalign.cli, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {

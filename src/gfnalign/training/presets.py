@@ -29,13 +29,15 @@ _DIGITS_BASE: dict[str, Any] = {
     "backbone": {"kind": "digits", "lora_rank": 4, "lora_alpha": 4.0},
     "reward": "digit-alignment",
     "prompts": "digits",
-    "beta": {"value": 4.0, "schedule": "constant"},
+    "beta": {"value": 10.0, "schedule": "constant"},
     "sampling": {"num_steps": 20, "guidance_scale": 1.0, "eta": 1.0, "log_prob_reduction": "sum",
                  "batch_size": 16, "batches_per_epoch": 1},
-    "training": {"epochs": 40, "micro_batch": 32, "grad_accum": 1, "lr": 3e-3, "lr_heads": 3e-3,
+    "training": {"epochs": 80, "micro_batch": 32, "grad_accum": 1, "lr": 3e-3, "lr_heads": 3e-3,
                  "weight_decay": 1e-4, "weight_decay_heads": 1e-4, "adam_betas": [0.9, 0.999],
                  "clip_norm": 1.0, "mixed_precision": "no", "max_updates_per_epoch": 2},
-    "lookahead": {"mode": "cached", "model": "reference", "guided": True},
+    # x0_hat from the rollout's own guided eps: no extra UNet pass per state (as good as the reference
+    # model's x0_hat in the digits world, and 15-20% cheaper per epoch)
+    "lookahead": {"mode": "cached", "model": "policy", "guided": True},
     "logging": {"sample_every": 10, "checkpoint_every": 10, "keep_checkpoints": 2, "eval_samples": 80,
                 "grid_prompts": 10},
     "reliability": {"max_nan_streak": 5, "on_bad_reward": "skip"},
@@ -51,10 +53,17 @@ _DIGITS_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Learning rates tuned on the digits world (40-epoch runs, 60 evaluation images): the score-balance
+#: objectives take a larger LoRA step; the others keep 3e-3.
+_DIGITS_LR = {"residual-nabla-db": 1e-2, "nabla-db": 1e-2}
+
+
 def digits_preset(method: str) -> dict[str, Any]:
     cfg = copy.deepcopy(_DIGITS_BASE)
     cfg["run_name"] = f"digits-{method}"
     cfg["method"] = {"name": method, "options": copy.deepcopy(_DIGITS_METHOD_OPTIONS[method])}
+    if method in _DIGITS_LR:
+        cfg["training"]["lr"] = _DIGITS_LR[method]
     return cfg
 
 
