@@ -34,9 +34,15 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml())
         return 0
-    if not args.resume and (args.out / "checkpoints").is_dir() and any((args.out / "checkpoints").iterdir()):
-        print(f"gfnalign demo: {args.out} already holds a run; pass --resume latest or another --out", file=sys.stderr)
-        return 2
+    if not args.resume and args.out.is_dir() and any(args.out.iterdir()):
+        if not (args.out / "config.yaml").is_file():
+            print(f"gfnalign demo: {args.out} is not empty and not a gfnalign run; choose another --out",
+                  file=sys.stderr)
+            return 2
+        import shutil
+
+        print(f"[gfnalign] replacing the previous run in {args.out}", file=sys.stderr)
+        shutil.rmtree(args.out)
     from gfnalign.training.trainer import Trainer
 
     t0 = time.perf_counter()
