@@ -50,12 +50,12 @@ def train_run(method: str, seed: int, epochs: int, evals: list[int], out: Path, 
     sets = [f"seed={seed}", f"training.epochs={epochs}", "logging.checkpoint_every=1",
             f"logging.keep_checkpoints={epochs + 1}", "logging.report=false", "logging.tensorboard=false",
             "logging.progress=false", "logging.sample_every=0", *overrides]
-    cmd = [sys.executable, "-m", "gfnalign", "train", "--config", str(ROOT / "configs" / f"digits-{method}.yaml"),
-           "--out", str(run_dir)]
+    preset = out / "presets" / f"digits-{method}.yaml"  # snapshot taken at the start of the sweep
+    cmd = [sys.executable, "-m", "gfnalign", "train", "--config", str(preset), "--out", str(run_dir)]
     for s in sets:
         cmd += ["--set", s]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": str(threads),
-           "MKL_NUM_THREADS": str(threads)}
+           "MKL_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     dt = time.perf_counter() - t0
@@ -105,7 +105,7 @@ def evaluate_runs(runs: dict[tuple[str, int], dict[str, Any]], evals: list[int],
     from gfnalign.training.build import build_backbone, build_reward
     from gfnalign.training.config import TrainConfig
 
-    cfg = TrainConfig.load(ROOT / "configs" / "digits-residual-nabla-db.yaml", overrides)
+    cfg = TrainConfig.load(out / "presets" / "digits-residual-nabla-db.yaml", overrides)
     torch.manual_seed(0)
     backbone = build_backbone(cfg, "cpu")
     reward = build_reward(cfg)
@@ -310,6 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     evals = sorted({int(e) for e in args.evals.split(",")}) if args.evals else sorted({max(1, args.epochs // 3), args.epochs})
     args.out.mkdir(parents=True, exist_ok=True)
+    # every seed trains from the same preset files, even if configs/ changes during the sweep
+    (args.out / "presets").mkdir(exist_ok=True)
+    for m in set(methods) | {"residual-nabla-db"}:
+        dst = args.out / "presets" / f"digits-{m}.yaml"
+        if not dst.is_file():
+            shutil.copy(ROOT / "configs" / f"digits-{m}.yaml", dst)
 
     runs: dict[tuple[str, int], dict[str, Any]] = {}
     t0 = time.perf_counter()

@@ -229,7 +229,7 @@ class Harness:
                 "rows_sample": counts_sample, "rows_train": self.probe.snapshot()}
 
     # -- bare network costs -------------------------------------------------------------------------------
-    def unit_costs(self, n: int, repeats: int = 5) -> dict[str, dict[str, float]]:
+    def unit_costs(self, n: int, repeats: int = 12) -> dict[str, dict[str, float]]:
         """Seconds per row of each watched network: no-grad forward and forward+backward, at batch n."""
         bb, dev = self.backbone, self.device
         prompts, _ = self.prompts.sample(n, self.generator)
@@ -422,8 +422,74 @@ def measure(cfg: dict[str, Any], device: torch.device, batch: int, repeats: int,
     }
 
 
+def lookahead_ab(cfg: dict[str, Any], device: torch.device, batch: int, passes: int = 8) -> dict[str, Any]:
+    """dag-db's train step with the cached lookahead vs recomputed per transition, in ONE process on the SAME
+    transitions, timed alternately (so load from other processes hits both alike); plus the sampling-side
+    cost of filling the cache with the reference x̂0 (extra UNet pass per state) or the rollout's own x̂0."""
+    from gfnalign.sampling.rollout import rollout
+
+    h = Harness(cfg, device)
+    s = h.cfg.sampling
+
+    def roll():
+        prompts, idx = h.prompts.sample(batch, h.generator)
+        cond = h.backbone.encode_prompts(prompts)
+        h.lookahead.set_prompts(cond, prompts)
+        traj = rollout(h.backbone, cond, h.initial_noise(batch), eta=s.eta, reduction=s.log_prob_reduction,
+                       generator=h.generator, prompt_id=idx.to(device), prompts=prompts)
+        with torch.no_grad():
+            r = h.reward(h.backbone.decode(traj.final).float(), prompts)
+        return replace(traj, reward=torch.as_tensor(r, dtype=torch.float32, device=device).reshape(-1))
+
+    def timed(fn):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        return out, time.perf_counter() - t0
+
+    roll()  # warm-up
+    t_roll, t_cache = [], {"reference": [], "policy": []}
+    trajs = []
+    for _ in range(2):
+        traj, dt = timed(roll)
+        t_roll.append(dt)
+        for model in ("policy", "reference"):
+            h.lookahead.model = model
+            cached, dt = timed(lambda traj=traj: h.lookahead.cache_trajectory(traj))
+            t_cache[model].append(dt)
+        trajs.append(cached)  # reference x̂0 (the preset's lookahead.model)
+    t_train = {"cached": [], "recompute": []}
+    n = None
+    for i in range(passes):
+        traj = h.objective.prepare(trajs[i % 2])
+        for mode in (("cached", "recompute") if i % 2 == 0 else ("recompute", "cached")):
+            tr = traj if mode == "cached" else replace(traj, lookahead_reward=None)
+            n, dt = timed(lambda tr=tr: h.train(tr))
+            t_train[mode].append(dt / n)
+    med = {k: sorted(v)[len(v) // 2] for k, v in t_train.items()}
+    best = {k: min(v) for k, v in t_train.items()}
+    roll_pt = min(t_roll) / n
+    cache_pt = {k: min(v) / n for k, v in t_cache.items()}
+    return {
+        "transitions_per_epoch": n, "trajectories_per_epoch": batch,
+        "train_s_per_transition": {"median": med, "min": best, "all": t_train},
+        "step_speedup_cached_vs_recompute": {"median": med["recompute"] / med["cached"],
+                                             "min": best["recompute"] / best["cached"]},
+        "rollout_s_per_transition": roll_pt, "cache_s_per_transition": cache_pt,
+        "epoch_speedup_cached_vs_recompute": {
+            model: (roll_pt + med["recompute"]) / (roll_pt + cache_pt[model] + med["cached"]) for model in cache_pt},
+    }
+
+
 def _child(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
+    if args.child_lookahead == "ab":
+        cfg = digits_config("dag-db", "cached", args.batch, args.steps, args.micro_batch, args.fraction, args.reward,
+                            None, args.pipeline)
+        print("@@RESULT@@" + json.dumps({"method": "dag-db", "lookahead": "ab",
+                                          **lookahead_ab(cfg, device, args.batch)}))
+        return 0
     cfg = digits_config(args.child_method, args.child_lookahead, args.batch, args.steps, args.micro_batch,
                         args.fraction, args.reward, args.child_lookahead_model, args.pipeline)
     try:
@@ -450,7 +516,7 @@ def run_child(method: str, lookahead: str, args: argparse.Namespace, model: str 
     if args.pipeline:
         cmd += ["--pipeline", args.pipeline]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads),
-           "MKL_NUM_THREADS": str(args.threads)}
+           "MKL_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith("@@RESULT@@"):
@@ -508,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "out" / "throughput.json")
     p.add_argument("--markdown", action="store_true", help="print the BENCHMARKS.md table")
+    p.add_argument("--only-ab", action="store_true", help="only the dag-db cached/recompute A/B")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process (1: on a CPU shared with other jobs, 2 threads thrash ~10x slower)")
     p.add_argument("--child-method", help=argparse.SUPPRESS)
@@ -524,8 +591,19 @@ def main(argv: list[str] | None = None) -> int:
         # from the rollout's own guided x0_hat (model: policy, no extra UNet pass at sampling time)
         i = methods.index("dag-db") + 1
         jobs[i:i] = [("dag-db", "recompute", None), ("dag-db", "cached", "policy")]
+    ab = None
+    if "dag-db" in methods:
+        ab = run_child("dag-db", "ab", args)
+        if "error" in ab:
+            print("lookahead A/B failed:", ab["error"][-500:], flush=True)
+        else:
+            sp = ab["step_speedup_cached_vs_recompute"]
+            print(f"dag-db lookahead A/B (same process, same transitions): cached train step {sp['median']:.2f}x "
+                  f"faster (median; min-based {sp['min']:.2f}x); whole epoch "
+                  + ", ".join(f"{k} x0_hat cache {v:.2f}x" for k, v in ab["epoch_speedup_cached_vs_recompute"].items()),
+                  flush=True)
     results = []
-    for m, la, model in jobs:
+    for m, la, model in ([] if args.only_ab else jobs):
         t0 = time.perf_counter()
         r = run_child(m, la, args, model)
         r["wall_s"] = time.perf_counter() - t0
@@ -539,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_repeats": args.train_repeats, "fraction": args.fraction, "reward": args.reward,
             "pipeline": args.pipeline}
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    args.json.write_text(json.dumps({"meta": meta, "results": results, "lookahead_ab": ab}, indent=2) + "\n")
     md = markdown(results, args)
     if args.markdown:
         print(md)
