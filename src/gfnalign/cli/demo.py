@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
 
         before = json.loads((args.out / "eval_before.json").read_text())
         after = json.loads((args.out / "eval_after.json").read_text())
-        print(f"demo finished in {wall:.0f} s: reward {before['reward_mean']:.3f} -> {after['reward_mean']:.3f}, "
+        acc = (f", accuracy {100 * before['accuracy']:.1f}% -> {100 * after['accuracy']:.1f}%"
+               if "accuracy" in before and "accuracy" in after else "")
+        print(f"demo finished in {wall:.0f} s: reward {before['reward_mean']:.3f} -> {after['reward_mean']:.3f}{acc}, "
               f"diversity {before['diversity']:.3f} -> {after['diversity']:.3f}; report: {report}")
     return code

@@ -164,6 +164,9 @@ def write_report(run_dir: Path, *, config: Any, before: dict[str, Any] | None, a
         dd = (after["diversity"] / before["diversity"]) if before["diversity"] else float("nan")
         lines += ["", f"Reward change: {dr:+.4g}; diversity kept: {100 * dd:.0f}% of the pretrained model's "
                   f"(features: {after.get('features', 'pixels')}, {after.get('n', '?')} images per model)."]
+        if "accuracy" in after and "accuracy" in before:
+            lines += [f"Digit classifier accuracy (p(prompted digit) > 0.5): {100 * before['accuracy']:.1f}% -> "
+                      f"{100 * after['accuracy']:.1f}%."]
         if after.get("prior_drift") is not None:
             lines += [f"Prior drift (per-prompt Fréchet distance of the features, fine-tuned vs pretrained, same "
                       f"seeds): {after['prior_drift']:.4g}."]

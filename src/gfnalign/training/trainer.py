@@ -579,7 +579,10 @@ class Trainer:
                                   for p, r in zip(prompts, rewards)],
                          self.run_dir / "samples" / f"{tag}.png", cols=per_prompt)
         finite = rewards[torch.isfinite(rewards)]
-        return {"reward_mean": float(finite.mean()) if finite.numel() else float("nan"),
+        extra = {}
+        if self.cfg.reward == "digit-alignment":  # r = log p(prompted digit): report the classifier's accuracy too
+            extra["accuracy"] = float((finite > math.log(0.5)).float().mean()) if finite.numel() else float("nan")
+        return {**extra, "reward_mean": float(finite.mean()) if finite.numel() else float("nan"),
                 "reward_std": float(finite.std()) if finite.numel() > 1 else 0.0,
                 "diversity": div, "n": len(prompts), "features": getattr(fx, "name", "pixels:16"),
                 "prior_drift": drift, "reward_per_prompt": by_prompt,
