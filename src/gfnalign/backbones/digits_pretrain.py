@@ -212,19 +212,21 @@ def train_vae(vae, images, *, seed: int, steps: int, batch: int, lr: float, log)
 
 
 @torch.no_grad()
-def sample_and_classify(pipe, classifier, *, guidance: float, per_class: int, seed: int, steps: int = 20):
-    """Accuracy of the classifier on ``per_class`` samples of each canonical digit prompt, and the images."""
+def sample_and_classify(pipe, classifier, *, guidance: float, per_class: int, seed: int, steps: int = 20,
+                        eta: float = 1.0):
+    """Accuracy of the classifier on ``per_class`` samples of each canonical digit prompt, and the images
+    (the stock pipeline's DDIM sampler with ``eta``; eta 1 is gfnalign's stochastic policy kernel)."""
     prompts = [DIGIT_PROMPTS[k] for k in range(10) for _ in range(per_class)]
     labels = torch.tensor([k for k in range(10) for _ in range(per_class)])
     g = torch.Generator().manual_seed(seed)
-    out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, eta=0.0, generator=g,
+    out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, eta=eta, generator=g,
                output_type="pt").images
     pred = classifier(out).argmax(-1)
     return (pred == labels).float().mean().item(), out
 
 
 def train_unet(c, classifier, images, *, seed, max_steps, min_steps, eval_every, batch, lr, p_uncond,
-               target_acc_g3, eval_per_class, max_minutes, log) -> dict[str, Any]:
+               target_acc_g3, eval_per_class, max_minutes, log, eta: float = 1.0) -> dict[str, Any]:
     from diffusers import DDPMScheduler
 
     tok, te, vae, unet = c["tokenizer"], c["text_encoder"], c["vae"], c["unet"]
@@ -276,10 +278,12 @@ def train_unet(c, classifier, images, *, seed, max_steps, min_steps, eval_every,
         if step >= min_steps and (step - min_steps) % eval_every == 0:
             unet.eval()
             te0 = time.time()
-            acc1, _ = sample_and_classify(pipe, classifier, guidance=1.0, per_class=eval_per_class, seed=seed + 100)
-            acc3, _ = sample_and_classify(pipe, classifier, guidance=3.0, per_class=eval_per_class, seed=seed + 101)
+            kw = {"per_class": eval_per_class, "eta": eta}
+            acc1, _ = sample_and_classify(pipe, classifier, guidance=1.0, seed=seed + 100, **kw)
+            acc3, _ = sample_and_classify(pipe, classifier, guidance=3.0, seed=seed + 101, **kw)
             evals.append({"step": step, "acc_g1": acc1, "acc_g3": acc3, "minutes": (time.time() - t0) / 60})
-            log(f"eval step {step}: acc guidance1 {acc1:.3f}  guidance3 {acc3:.3f}  ({time.time() - te0:.0f}s)")
+            log(f"eval step {step} (eta {eta}): acc guidance1 {acc1:.3f}  guidance3 {acc3:.3f}  "
+                f"({time.time() - te0:.0f}s)")
             if acc3 >= target_acc_g3:
                 stopped = f"acc_g3 >= {target_acc_g3}"
                 break
@@ -326,7 +330,7 @@ world of gfnalign: small enough to align on two CPU cores in minutes, with rewar
 | `pipeline/` | `StableDiffusionPipeline.save_pretrained` folder: UNet, VAE, text encoder, tokenizer, DDIM scheduler |
 | `classifier/` | `DigitClassifier` weights (`model.safetensors`) and `config.json` |
 | `train_report.json` | every number below, the arguments, the evaluation history |
-| `samples_guidance1.png`, `samples_guidance3.png` | 8 samples per digit (rows 0-9), DDIM 20 steps, eta 0 |
+| `samples_guidance1.png`, `samples_guidance3.png` | 8 samples per digit (rows 0-9), DDIM 20 steps, eta 1 |
 
 Load with plain diffusers (offline, no gfnalign needed):
 `StableDiffusionPipeline.from_pretrained(".../pipeline", safety_checker=None, requires_safety_checker=False)`;
@@ -364,21 +368,23 @@ or `gfnalign.backbones.digits.load_digits_backbone()` / `load_digit_classifier()
   {u["seconds"] / 60:.1f} min. Stopped by: {u["stopped_by"]}.
 * Total wall time: **{r["total_minutes"]:.1f} min** (2-core AMD EPYC CPU, shared with other jobs during the run).
 
-Evaluations during UNet training ({a["eval_per_class"]} samples per digit, DDIM 20 steps, eta 0):
+Evaluations during UNet training ({a["eval_per_class"]} samples per digit, DDIM 20 steps, eta {a.get("eval_eta", 0.0):g}):
 
 | step | acc. guidance 1 | acc. guidance 3 | minutes |
 |---|---|---|---|
 {evals}
 
-## Quality (final, {f["per_class"]} samples per digit, canonical prompts, DDIM 20 steps eta 0, other seed)
+## Quality (final, {f["per_class"]} samples per digit, canonical prompts, 20 DDIM steps, other seeds)
 
-| guidance | shipped classifier accuracy on samples |
-|---|---|
-| 1.0 | **{f["acc_guidance1"]:.3f}** |
-| 3.0 | **{f["acc_guidance3"]:.3f}** |
+Shipped classifier accuracy on samples of the stock pipeline:
 
-Guidance 1 leaves headroom for alignment (samples are digits but often not the prompted one); guidance 3
-is accurate.
+| guidance | eta 1 (gfnalign's stochastic policy) | eta 0 (deterministic DDIM) |
+|---|---|---|
+| 1.0 | **{f["acc_guidance1"]:.3f}** | {f.get("acc_guidance1_eta0", float("nan")):.3f} |
+| 3.0 | **{f["acc_guidance3"]:.3f}** | {f.get("acc_guidance3_eta0", float("nan")):.3f} |
+
+Guidance 1 leaves headroom for alignment (samples are digits but not always the prompted one); guidance 3
+is accurate. The sample grids show eta 1.
 
 ## Reproduce
 
@@ -409,8 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unet-lr", type=float, default=2e-3)
     p.add_argument("--max-unet-steps", type=int, default=2400)
     p.add_argument("--min-unet-steps", type=int, default=800)
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--eval-per-class", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-per-class", type=int, default=20)
+    p.add_argument("--eval-eta", type=float, default=1.0,
+                   help="DDIM eta of the sampler that decides when to stop (1 = gfnalign's policy kernel)")
     p.add_argument("--final-per-class", type=int, default=50)
     p.add_argument("--target-acc-g3", type=float, default=0.92)
     p.add_argument("--p-uncond", type=float, default=0.1)
@@ -438,13 +446,20 @@ def main(argv: list[str] | None = None) -> int:
         c, classifier, images, seed=args.seed, max_steps=args.max_unet_steps, min_steps=args.min_unet_steps,
         eval_every=args.eval_every, batch=args.batch, lr=args.unet_lr, p_uncond=args.p_uncond,
         target_acc_g3=args.target_acc_g3, eval_per_class=args.eval_per_class, max_minutes=args.max_minutes,
-        log=log,
+        log=log, eta=args.eval_eta,
     )
     pipe = make_pipeline(c)
     pipe.set_progress_bar_config(disable=True)
-    acc1, img1 = sample_and_classify(pipe, classifier, guidance=1.0, per_class=args.final_per_class, seed=args.seed + 7)
-    acc3, img3 = sample_and_classify(pipe, classifier, guidance=3.0, per_class=args.final_per_class, seed=args.seed + 8)
-    log(f"final ({args.final_per_class}/class, held-out sampling seed): acc guidance1 {acc1:.3f}  guidance3 {acc3:.3f}")
+    final: dict[str, Any] = {"per_class": args.final_per_class, "steps": 20, "prompts": "canonical"}
+    imgs = {}
+    for eta in (1.0, 0.0):
+        for gs in (1.0, 3.0):
+            acc, imgs[(eta, gs)] = sample_and_classify(
+                pipe, classifier, guidance=gs, per_class=args.final_per_class, seed=args.seed + 7 + int(gs), eta=eta
+            )
+            final[f"acc_guidance{gs:g}" + ("" if eta == 1.0 else "_eta0")] = acc
+    log(f"final ({args.final_per_class}/class, other sampling seeds): " + json.dumps(final))
+    img1, img3 = imgs[(1.0, 1.0)], imgs[(1.0, 3.0)]
 
     pipe_dir, clf_dir = out / "pipeline", out / "classifier"
     for d in (pipe_dir, clf_dir):
@@ -461,8 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k2: (str(v) if isinstance(v, Path) else v) for k2, v in vars(args).items()},
         "torch": torch.__version__, "threads": args.threads,
         "classifier": clf_info, "vae": vae_info, "unet": unet_info,
-        "final": {"per_class": args.final_per_class, "acc_guidance1": acc1, "acc_guidance3": acc3,
-                  "sampler": "DDIM 20 steps eta 0, canonical prompts"},
+        "final": final,
         "total_minutes": (time.time() - t_start) / 60,
     }
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
