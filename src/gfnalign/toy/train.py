@@ -59,13 +59,14 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "objective": {"gamma": "one"},
         "updates": 1200, "batch_size": 256, "lr": 3e-3, "head_lr": 1e-3, "lookahead_model": "reference",
     },
+    # reward maximisers: the linear reward is unbounded, so a small lr and few updates keep the drift finite
     "ddpo": {
         "objective": {"clip_range": 0.2, "fraction": 0.2},
-        "updates": 600, "batch_size": 256, "lr": 1e-3, "head_lr": 1e-3, "lookahead_model": "reference",
+        "updates": 300, "batch_size": 256, "lr": 1e-4, "head_lr": 1e-3, "lookahead_model": "reference",
     },
     "reward-backprop": {
         "objective": {"variant": "draft-k", "k": 10},
-        "updates": 600, "batch_size": 256, "lr": 1e-3, "head_lr": 1e-3, "lookahead_model": "reference",
+        "updates": 300, "batch_size": 256, "lr": 1e-4, "head_lr": 1e-3, "lookahead_model": "reference",
     },
 }
 _LOOP_KEYS = ("updates", "batch_size", "lr", "head_lr", "lookahead_model", "anneal_updates", "grad_clip",
