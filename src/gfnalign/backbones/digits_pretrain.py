@@ -393,9 +393,9 @@ is accurate. The sample grids show eta 1.
 ```
 `--out` only chooses where the folders are written (the default is the package's `assets/digits/`, which this
 card describes); `--max-minutes` is a safety cap that did not trigger. Seeds are fixed and every stopping
-decision is made at fixed step counts, so a re-run with the same thread count reproduces the run; other thread
-counts or CPUs change the bits and move the accuracies by a few points. Intended for tests, demos and method
-comparisons only.
+decision is made at fixed step counts, so a re-run with the same thread count on the same CPU type is
+expected to reproduce the run; other thread counts or CPUs change the floating-point bits, and how far that
+moves the accuracies has not been measured. Intended for tests, demos and method comparisons only.
 """
 
 
