@@ -6,7 +6,9 @@
 For each method and seed: ``gfnalign train --config configs/digits-<method>.yaml --set seed=S --set
 training.epochs=E`` (the presets cap every epoch at the same number of optimizer updates,
 ``training.max_updates_per_epoch``, so equal epochs = equal update budgets; the script checks this in
-``metrics.jsonl``), with a checkpoint after each epoch listed in ``--evals``. Then every checkpoint is
+``metrics.jsonl``; ``--method-epochs reward-backprop=2E`` gives a method with half the updates per epoch
+the same update budget), with a checkpoint after every epoch; the checkpoints at the update counts in
+``--evals`` are evaluated. Then every checkpoint is
 evaluated with :func:`gfnalign.evaluation.evaluate.evaluate_backbone` on all ten digit prompts with the
 same noise: reward (digit-alignment), diversity (mean pairwise L2 distance of the shipped classifier's
 penultimate features per prompt) and prior drift (per-prompt Fréchet distance to the pretrained model's
@@ -37,10 +39,14 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "ddpo", "reward-backprop")
 
 
+def run_dir_of(out: Path, method: str, seed: int, epochs: int, default_epochs: int) -> Path:
+    return out / method / (f"seed{seed}" if epochs == default_epochs else f"seed{seed}-e{epochs}")
+
+
 def train_run(method: str, seed: int, epochs: int, evals: list[int], out: Path, overrides: list[str],
-              threads: int = 1) -> dict[str, Any]:
+              threads: int = 1, default_epochs: int | None = None) -> dict[str, Any]:
     """Train one (method, seed) with `gfnalign train`; returns {"dir", "seconds", "ok", "log"}."""
-    run_dir = out / method / f"seed{seed}"
+    run_dir = run_dir_of(out, method, seed, epochs, default_epochs or epochs)
     done = run_dir / "final" / "pytorch_lora_weights.safetensors"
     if done.is_file():
         return {"dir": str(run_dir), "seconds": None, "ok": True, "reused": True}
@@ -72,8 +78,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def checkpoints_by_epoch(run_dir: Path) -> dict[int, Path]:
-    """epoch -> checkpoint folder (state.json holds the epoch count when it was written)."""
+def checkpoints_by_step(run_dir: Path) -> dict[int, Path]:
+    """optimizer update count -> checkpoint folder written at the end of an epoch."""
     out = {}
     root = run_dir / "checkpoints"
     if not root.is_dir():
@@ -83,7 +89,7 @@ def checkpoints_by_epoch(run_dir: Path) -> dict[int, Path]:
         if st.is_file():
             state = json.loads(st.read_text())
             if not state.get("mid_epoch"):
-                out[int(state["epoch"])] = d
+                out[int(state["step"])] = d
     return out
 
 
@@ -129,7 +135,7 @@ def evaluate_runs(runs: dict[tuple[str, int], dict[str, Any]], evals: list[int],
     for (method, s), info in runs.items():
         if not info.get("ok"):
             continue
-        ck = checkpoints_by_epoch(Path(info["dir"]))
+        ck = checkpoints_by_step(Path(info["dir"]))
         for e in evals:
             if e not in ck:
                 continue
@@ -145,7 +151,7 @@ def evaluate_runs(runs: dict[tuple[str, int], dict[str, Any]], evals: list[int],
                 res["step"] = json.loads((ck[e] / "state.json").read_text())["step"]
                 cache.write_text(json.dumps(res))
             results["evals"].setdefault(method, {}).setdefault(str(e), {})[str(s)] = res
-            print(f"{method} seed {s} epoch {e} (update {res['step']}): reward {res['reward_mean']:.3f}, "
+            print(f"{method} seed {s} update {res['step']}: reward {res['reward_mean']:.3f}, "
                   f"diversity {res['diversity']:.3f}, drift {res['prior_drift']:.3f}", flush=True)
     return results
 
@@ -224,7 +230,7 @@ def plot(table: dict[str, Any], curve: dict[str, Any], pretrained: dict[str, Any
     ax.plot([pretrained["diversity"]], [pretrained["reward_mean"]], "k*", ms=12, label="pretrained")
     ax.set_xlabel("diversity (mean pairwise L2, classifier features)")
     ax.set_ylabel("digit-alignment reward")
-    ax.set_title(f"reward vs diversity after the full budget (epoch {last})", fontsize=9)
+    ax.set_title(f"reward vs diversity after the full budget ({last} updates)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     p = out / "reward_vs_diversity.png"
@@ -239,15 +245,15 @@ def _pm(v: tuple[float, float]) -> str:
 
 
 def markdown(table: dict[str, Any], pretrained: dict[str, Any], evals: list[int], checks: list[str]) -> str:
-    lines = ["| method | epoch | updates | seeds | reward | diversity | prior drift |", "|---|---|---|---|---|---|---|",
-             f"| pretrained | – | 0 | – | {pretrained['reward_mean']:.3f} ± {pretrained['reward_std']:.3f} (over samples) | "
+    lines = ["| method | updates | seeds | reward | diversity | prior drift |", "|---|---|---|---|---|---|",
+             f"| pretrained | 0 | – | {pretrained['reward_mean']:.3f} ± {pretrained['reward_std']:.3f} (over samples) | "
              f"{pretrained['diversity']:.3f} | floor {pretrained['prior_drift_floor']:.3f} |"]
     for m, rows in table.items():
         for e in evals:
             r = rows.get(str(e))
             if r is None:
                 continue
-            lines.append(f"| {m} | {e} | {r['updates']:.0f} | {r['seeds']} | {_pm(r['reward_mean'])} | "
+            lines.append(f"| {m} | {r['updates']:.0f} | {r['seeds']} | {_pm(r['reward_mean'])} | "
                          f"{_pm(r['diversity'])} | {_pm(r['prior_drift'])} |")
     return "\n".join(lines + [""] + checks) + "\n"
 
@@ -282,7 +288,7 @@ def check_targets(table: dict[str, Any], curve: dict[str, Any], pretrained: dict
     if res:
         for e, r in sorted(res.items(), key=lambda x: int(x[0])):
             rel = (r["diversity"][0] - pretrained["diversity"]) / pretrained["diversity"]
-            out.append(f"- residual ∇-DB diversity at epoch {e}: {r['diversity'][0]:.3f} vs pretrained "
+            out.append(f"- residual ∇-DB diversity after {e} updates: {r['diversity'][0]:.3f} vs pretrained "
                        f"{pretrained['diversity']:.3f} ({100 * rel:+.1f}%; target within ±10% → "
                        f"**{'met' if abs(rel) <= 0.10 else 'not met'}**).")
     return out
@@ -293,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="all")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=12, help="training epochs per run (equal update budget)")
-    p.add_argument("--evals", default=None, help="epochs whose checkpoints are evaluated (default: E/3, E)")
+    p.add_argument("--evals", default=None, help="update counts whose checkpoints are evaluated")
+    p.add_argument("--method-epochs", action="append", default=[], metavar="METHOD=E",
+                   help="epochs for one method (to equalise update counts when it makes fewer updates per epoch)")
+    p.add_argument("--no-eval", action="store_true", help="train only")
     p.add_argument("--samples", type=int, default=16, help="evaluation samples per prompt (10 prompts)")
     p.add_argument("--eval-seed", type=int, default=1234)
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra --set for every run")
@@ -309,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     evals = sorted({int(e) for e in args.evals.split(",")}) if args.evals else sorted({max(1, args.epochs // 3), args.epochs})
+    method_epochs = {k: int(v) for k, v in (item.split("=", 1) for item in args.method_epochs)}
     args.out.mkdir(parents=True, exist_ok=True)
     # every seed trains from the same preset files, even if configs/ changes during the sweep
     (args.out / "presets").mkdir(exist_ok=True)
@@ -321,11 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for s in seeds:  # seed-major: a partial sweep still covers every method
         for m in methods:
-            run_dir = args.out / m / f"seed{s}"
+            ep = method_epochs.get(m, args.epochs)
+            run_dir = run_dir_of(args.out, m, s, ep, args.epochs)
             if args.skip_train:
                 runs[(m, s)] = {"dir": str(run_dir), "ok": (run_dir / "final").is_dir()}
                 continue
-            info = train_run(m, s, args.epochs, evals, args.out, args.overrides, args.threads)
+            info = train_run(m, s, ep, evals, args.out, args.overrides, args.threads, args.epochs)
             runs[(m, s)] = info
             secs = "reused" if info.get("reused") else f"{info['seconds']:.0f}s"
             print(f"trained {m} seed {s}: {'ok' if info['ok'] else 'FAILED'} ({secs}, total "
@@ -334,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(info.get("log", ""), flush=True)
     # equal budgets: every finished run should have the same number of updates
     steps = {k: max((r["step"] for r in read_metrics(Path(v["dir"]))), default=0) for k, v in runs.items() if v["ok"]}
+    if args.no_eval:
+        return 0
     results = evaluate_runs(runs, evals, args.samples, args.eval_seed, args.out, args.overrides)
     table = summarise(results, methods, evals)
     curve = curves(runs, methods)
