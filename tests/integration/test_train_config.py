@@ -65,3 +65,31 @@ def test_every_preset_validates_and_files_match_the_generator():
             assert path.is_file(), f"{path} missing: run python -m gfnalign.training.presets"
             assert path.read_text() == render(data), f"{path} is stale: run python -m gfnalign.training.presets"
             TrainConfig.load(path)
+
+
+
+def _preset(name):
+    from gfnalign.training.config import TrainConfig
+    from gfnalign.training.presets import all_presets
+
+    return TrainConfig.from_dict(all_presets()[name])
+
+
+def test_prompt_mapping_applies_the_papers_split(shared_data):
+    """``prompts: {path, skip_first_per_category}`` (the SD presets' form) gives DrawBench's 165 training prompts."""
+    import dataclasses
+
+    from gfnalign.training.build import build_prompts
+
+    cfg = dataclasses.replace(_preset("sd15-imagereward-dag-db"),
+                              prompts={"path": str(shared_data / "drawbench_prompts.json"), "skip_first_per_category": 2})
+    assert len(build_prompts(cfg).prompts) == 165
+    with pytest.raises(ValueError, match="needs 'path'"):
+        build_prompts(dataclasses.replace(cfg, prompts={"skip_first": 2}))
+
+
+def test_objectives_keep_their_own_reduction_unless_the_method_sets_it():
+    from gfnalign.training.build import objective_options
+
+    assert "log_prob_reduction" not in objective_options(_preset("digits-ddpo"), object())
+    assert _preset("sd15-aesthetic-dag-db").method.options["log_prob_reduction"] == "mean"

@@ -93,7 +93,20 @@ def build_reward(cfg: TrainConfig) -> Any:
 def build_prompts(cfg: TrainConfig) -> Any:
     from gfnalign.rewards.prompts import load_prompts
 
-    return load_prompts(cfg.prompts)
+    spec = cfg.prompts
+    if isinstance(spec, dict):  # {"path": FILE, "skip_first_per_category": 2, ...}: the papers' held-out splits
+        options = dict(spec)
+        source = options.pop("path", None) or options.pop("name", None)
+        if source is None:
+            raise ValueError(f"prompts={spec!r}: a prompt-set mapping needs 'path' (a file) or 'name' (a built-in)")
+        try:
+            return load_prompts(source, **options)
+        except TypeError as err:
+            raise ValueError(
+                f"prompts={spec!r}: {err}; allowed keys: path/name, column, skip_first, "
+                "skip_first_per_category, exclude_categories"
+            ) from None
+    return load_prompts(spec)
 
 
 def _init_parameters(factory: Any) -> set[str]:
@@ -115,8 +128,13 @@ def _init_parameters(factory: Any) -> set[str]:
 
 
 def objective_options(cfg: TrainConfig, backbone: Any) -> dict[str, Any]:
-    """The options the trainer passes to every objective (shapes of the backbone, sampling settings)."""
-    options: dict[str, Any] = {"eta": cfg.sampling.eta, "log_prob_reduction": cfg.sampling.log_prob_reduction}
+    """The options the trainer passes to every objective (shapes of the backbone, sampling settings).
+
+    ``sampling.log_prob_reduction`` is only how the rollout *records* log P_F (objectives convert it
+    exactly); each objective keeps its own reduction default (``sum`` for the GFlowNets, ``mean`` for
+    DDPO's tiny PPO clip range) unless ``method.options.log_prob_reduction`` says otherwise.
+    """
+    options: dict[str, Any] = {"eta": cfg.sampling.eta}
     shape = getattr(backbone, "latent_shape", None)
     if shape is not None:
         options["state_shape"] = tuple(int(s) for s in shape)

@@ -76,9 +76,10 @@ _SD_REWARDS: dict[str, dict[str, Any]] = {
     # reward spec, prompt set, DAG beta (reward_exp), nabla beta (reward_scale), nabla lambda, nabla batch x accum
     "aesthetic": {"reward": "aesthetic", "prompts": "animals", "dag_beta": 100.0, "nabla_beta": 1e4,
                   "nabla_lambda": 2e3, "nabla_micro": 4, "nabla_accum": 8},
-    "imagereward": {"reward": "imagereward", "prompts": "prompts/drawbench_train.csv", "dag_beta": 100.0,
+    "imagereward": {"reward": "imagereward", "prompts": {"path": "prompts/drawbench_prompts.json",
+                                                              "skip_first_per_category": 2}, "dag_beta": 100.0,
                     "nabla_beta": 1e3, "nabla_lambda": 1e3, "nabla_micro": 4, "nabla_accum": 8},
-    "hpsv2": {"reward": "hpsv2", "prompts": "prompts/hpd_photo_painting_train.txt", "dag_beta": 100.0,
+    "hpsv2": {"reward": "hpsv2", "prompts": {"path": "prompts/hpdv2_benchmark_photo_prompts.json", "skip_first": 10}, "dag_beta": 100.0,
               "nabla_beta": 1e4, "nabla_lambda": 1e2, "nabla_micro": 2, "nabla_accum": 16},
     "jpeg-compressibility": {"reward": "jpeg-compressibility", "prompts": "animals", "dag_beta": 100.0,
                              "nabla_beta": 1e3, "nabla_lambda": 1e3, "nabla_micro": 4, "nabla_accum": 8},
@@ -111,7 +112,8 @@ def sd15_preset(reward: str, method: str) -> dict[str, Any]:
         cfg["training"] = {"epochs": 100, "micro_batch": 8, "grad_accum": 200, "lr": 3e-4, "lr_heads": 3e-4,
                            "weight_decay": 1e-4, "weight_decay_heads": 1e-4, "adam_betas": [0.9, 0.999],
                            "clip_norm": 1.0, "mixed_precision": "bf16"}
-        opts: dict[str, Any] = {"trust_region": 1.0, "fraction": 1.0}
+        # the authors' DAG code averages log-probs over the latent: keep β = 100 with that reduction
+        opts: dict[str, Any] = {"trust_region": 1.0, "fraction": 1.0, "log_prob_reduction": "mean"}
         if method == "dag-kl":
             opts.update({"clip_range": 1e-4, "adv_clip": 5.0})
         cfg["method"] = {"name": method, "options": opts}
@@ -130,7 +132,8 @@ def sd15_preset(reward: str, method: str) -> dict[str, Any]:
         cfg["training"] = {"epochs": 100, "micro_batch": 8, "grad_accum": 100, "lr": 3e-4, "lr_heads": 3e-4,
                            "weight_decay": 1e-4, "adam_betas": [0.9, 0.999], "clip_norm": 1.0,
                            "mixed_precision": "bf16"}
-        cfg["method"] = {"name": "ddpo", "options": {"clip_range": 1e-4, "adv_clip": 5.0, "fraction": 1.0}}
+        cfg["method"] = {"name": "ddpo", "options": {"clip_range": 1e-4, "adv_clip": 5.0, "fraction": 1.0,
+                                                     "log_prob_reduction": "mean"}}
     elif method == "reward-backprop":  # DRaFT-LV as the ∇-GFlowNet baseline
         cfg["beta"] = {"value": 1.0, "schedule": "constant"}
         cfg["training"] = {"epochs": 100, "micro_batch": 4, "grad_accum": 8, "lr": 1e-4, "lr_heads": 1e-4,
