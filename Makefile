@@ -22,9 +22,9 @@ demo: setup
 
 # Fast unit tests first, tiny-model integration next, CLI / multi-process end-to-end last.
 test: setup
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests/unit || [ $$? -eq 5 ]
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests/integration || [ $$? -eq 5 ]
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests/e2e || [ $$? -eq 5 ]
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q tests/unit || [ $$? -eq 5 ]
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q tests/integration || [ $$? -eq 5 ]
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q tests/e2e || [ $$? -eq 5 ]
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/unit

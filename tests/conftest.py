@@ -8,6 +8,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# OpenMP threads that spin-wait make torch 10-100x slower whenever another process shares the 2 cores
+# (multi-process tests, subprocess CLIs); passive waiting costs nothing when the CPU is free.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("GFNALIGN_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
