@@ -270,9 +270,12 @@ def check_targets(table: dict[str, Any], curve: dict[str, Any], pretrained: dict
         if early:
             e, r = max(early, key=lambda x: x[0])
             ok = r["reward_mean"][0] >= target
+            vacuous = target <= pretrained["reward_mean"]
             out.append(f"- Target \"residual ∇-DB reaches DDPO's final reward in ≤ 1/3 of DDPO's updates\" (eval): "
                        f"residual ∇-DB at {r['updates']:.0f} updates: {r['reward_mean'][0]:.3f} vs DDPO at "
-                       f"{n_ddpo:.0f} updates: {target:.3f} → **{'met' if ok else 'not met'}**.")
+                       f"{n_ddpo:.0f} updates: {target:.3f} → **{'met' if ok else 'not met'}**"
+                       + (f", but vacuously: DDPO's final reward is not above the pretrained model's "
+                          f"({pretrained['reward_mean']:.3f}), so this budget does not test the claim." if vacuous else "."))
         else:
             out.append(f"- No residual ∇-DB checkpoint at ≤ 1/3 of DDPO's {n_ddpo:.0f} updates was evaluated "
                        f"(--evals {first},...): the 1/3-updates target is checked on the training curve only.")
