@@ -528,7 +528,7 @@ def _fmt_nfe(d: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in d.items())
 
 
-def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+def markdown(results: list[dict[str, Any]], args: argparse.Namespace, ab: dict[str, Any] | None = None) -> str:
     lines = [
         "| method | lookahead (x̂0 model) | train transitions/s | epoch transitions/s | net evals per transition, train step "
         "(epoch incl. sampling) | peak mem (MB) | train time / bare net cost | sampling time / bare |",
@@ -547,6 +547,18 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"{r['epoch_transitions_per_s']:.1f} | {nfe} | {r['peak_mem_mb']:.0f} | "
             f"{r['train_overhead']:.2f}× | {r['sample_overhead']:.2f}× |"
         )
+    if ab and "error" not in ab:
+        med = ab["train_s_per_transition"]["median"]
+        lines += ["", "dag-db lookahead A/B (one process, same transitions, alternating):", "",
+                  "| | seconds per trained transition |", "|---|---|",
+                  f"| train step, cached lookahead | {med['cached']:.4f} |",
+                  f"| train step, recomputed lookahead | {med['recompute']:.4f} |",
+                  f"| rollout + terminal reward | {ab['rollout_s_per_transition']:.4f} |"]
+        lines += [f"| filling the cache ({k} x̂0) | {v:.4f} |" for k, v in ab["cache_s_per_transition"].items()]
+        sp = ab["step_speedup_cached_vs_recompute"]
+        lines += ["", f"Cached train step {sp['median']:.2f}× faster than recompute (median; {sp['min']:.2f}× on the "
+                      "fastest passes); whole epoch cached/recompute speed: "
+                  + ", ".join(f"{v:.2f}× ({k} x̂0)" for k, v in ab["epoch_speedup_cached_vs_recompute"].items())]
     by = {(r["method"], r["lookahead"], r.get("lookahead_model", "reference")): r for r in results if "error" not in r}
     rc = by.get(("dag-db", "recompute", "reference"))
     for model in ("reference", "policy"):
@@ -618,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
             "pipeline": args.pipeline}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "results": results, "lookahead_ab": ab}, indent=2) + "\n")
-    md = markdown(results, args)
+    md = markdown(results, args, ab)
     if args.markdown:
         print(md)
     return 0
