@@ -59,7 +59,28 @@ NOTES = """Reading the table:
   vs exact samples of p_f, i.e. discretisation error plus sampling noise (about ±4e-4 at 10⁴ samples).
 * reward: mean r of fine-tuned / exact target / pretrained samples. ddpo and reward-backprop maximise the
   reward (no exact target): their rows show reward drift, TV is not expected to be small.
-* seconds: training time / whole command, on CPU cores shared with other engineers' jobs (noisy).
+* seconds: training time / whole command, on CPU cores shared with other engineers' jobs (load average
+  4-10 during most rows, so 2-4x slower than an idle machine: the ring4 ddpo / reward-backprop rows, re-run
+  at load ~1, took 15 s for 300 updates, i.e. ~0.05 s per update; the GFlowNet defaults of 1000-1200
+  updates are then 60-90 s of training).
+
+Findings (seed 0, at the time of writing):
+* ring4-linear: residual-nabla-db (TV 0.031), dag-db (0.025) and dag-kl (0.022) meet the TV target (≤ 0.05 for
+  the first two, ≤ 0.10 for dag-kl); their energy distances are 7-9x the floor, not the 3x target.
+  residual-nabla-db with `no_flow` keeps an intrinsic bias: its forward-looking guess β∇r(x̂0(x)) drops
+  the between-component cumulant of log E[exp(βr(x0)) | x_t], so it under-tilts (0.61 vs 0.64 on the top
+  mode); with the learned flow-score head the flow head first cancels the guess and the tilt must
+  propagate back one step at a time, far too slowly for this budget.
+* nabla-db misses (TV 0.18 / 0.13 / 0.17). Its residual compares ∇ log P_F with ∇ log P_B; at the last,
+  tiny DDPM steps the Gaussian P_F's variance is 0.1-0.45x the true reverse variance, so the score residual
+  carries O(1/σ_t) noise that no mean can cancel (per-transition loss ~1e4 at the last two steps vs ~1
+  elsewhere) and drowns the gradient. A σ_t²-weighted (mean-space) residual would remove it.
+* grid9-quadratic: dag-db / dag-kl over-tilt (TV 0.11; reward -0.45 vs -0.67); a side run of dag-db with
+  lr 2.5e-4 reached TV 0.072 (ED 0.022). d8-linear: every GFlowNet under-tilts within the budget
+  (residual 0.072, dag-* 0.11): the 8-D case needs more updates than the 2-minute defaults give.
+* ddpo and reward-backprop drift to higher reward than the target and collapse onto the best mode (the
+  linear rewards are unbounded: with more updates the drift grows without limit; reward-backprop on d8
+  reaches r ≈ 124).
 """
 
 
