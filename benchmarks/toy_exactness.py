@@ -62,7 +62,7 @@ NOTES = """Reading the table:
 * seconds: training time / whole command, on CPU cores shared with other engineers' jobs (load average
   4-10 during most rows, so 2-4x slower than an idle machine: the ring4 ddpo / reward-backprop rows, re-run
   at load ~1, took 15 s for 300 updates, i.e. ~0.05 s per update; the GFlowNet defaults of 1000-1200
-  updates are then 60-90 s of training).
+  updates are then 60-90 s of training). Measured at load ~1.5-2 with the plain command `gfnalign toy --method M --mixture ring4-linear.mix.json --reward ring4-linear.reward.json --beta 0.5`: residual-nabla-db 58 s training / 65 s wall, dag-db 76 s / 83 s, with the same metrics as in the table (the runs are deterministic given the seed).
 
 Findings (seed 0, at the time of writing):
 * ring4-linear: residual-nabla-db (TV 0.031), dag-db (0.025) and dag-kl (0.022) meet the TV target (≤ 0.05 for
