@@ -75,8 +75,11 @@ Findings (seed 0, at the time of writing):
   tiny DDPM steps the Gaussian P_F's variance is 0.1-0.45x the true reverse variance, so the score residual
   carries O(1/σ_t) noise that no mean can cancel (per-transition loss ~1e4 at the last two steps vs ~1
   elsewhere) and drowns the gradient. A σ_t²-weighted (mean-space) residual would remove it.
-* grid9-quadratic: dag-db / dag-kl over-tilt (TV 0.11; reward -0.45 vs -0.67); a side run of dag-db with
-  lr 2.5e-4 reached TV 0.072 (ED 0.022). d8-linear: every GFlowNet under-tilts within the budget
+* grid9-quadratic: dag-db / dag-kl over-tilt (TV 0.11; reward -0.45 vs -0.67). Side runs of dag-db with
+  lr 2.5e-4: TV 0.072 (ED 0.022) after 1000 updates but 0.093 after 1500 (reward -0.48), so the over-tilt
+  grows with training: it looks like a biased fixed point (the Gaussian P_F cannot match the true reverse
+  variance at the last DDPM steps, see nabla-db), not optimisation noise. The same lr on ring4: TV 0.022 after
+  1500 updates (defaults kept at lr 5e-4, 1000 updates). d8-linear: every GFlowNet under-tilts within the budget
   (residual 0.072, dag-* 0.11): the 8-D case needs more updates than the 2-minute defaults give.
 * ddpo and reward-backprop drift to higher reward than the target and collapse onto the best mode (the
   linear rewards are unbounded: with more updates the drift grows without limit; reward-backprop on d8
