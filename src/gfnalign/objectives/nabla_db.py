@@ -7,11 +7,14 @@ from typing import Any
 import torch
 
 from gfnalign.core.batches import TransitionBatch
-from gfnalign.core.kernels import score_pb_next, score_pb_t
+from gfnalign.core.kernels import forward_kernel, score_pb_next, score_pb_t
 from gfnalign.core.protocols import Lookahead, PolicyModel
 from gfnalign.objectives.base import LossOutput, register
-from gfnalign.objectives.common import apply_two, approx_kl, mean_dims
-from gfnalign.objectives.score_balance import ScoreBalanceObjective
+from gfnalign.objectives.common import apply_two, approx_kl, check_choice, mean_dims
+from gfnalign.objectives.score_balance import RESIDUAL_WEIGHTS, ScoreBalanceObjective, residual_weights
+
+
+FORWARD_CONTROLS = ("none", "antithetic")
 
 
 @register("nabla-db")
@@ -64,8 +67,13 @@ class NablaDB(ScoreBalanceObjective):
     needs_reward_gradient = True
     needs_reference = False
 
-    def __init__(self, *args: Any, prior_score: bool = False, **kw: Any):
+    def __init__(self, *args: Any, prior_score: bool = False, residual_weight: str = "none",
+                 forward_control: str = "none", **kw: Any):
         super().__init__(*args, **kw)
+        check_choice("residual_weight", residual_weight, RESIDUAL_WEIGHTS)
+        check_choice("forward_control", forward_control, FORWARD_CONTROLS)
+        self.residual_weight = residual_weight
+        self.forward_control = forward_control
         self.prior_score = bool(prior_score)
         # instance attribute: the trainer reads the flag from the built objective
         self.needs_reference = self.prior_score
@@ -104,16 +112,20 @@ class NablaDB(ScoreBalanceObjective):
             prior_next, prior_t = self.reference_scores(policy, batch, t, t_next, a, an, at_t=self.uses_reverse)
             psi_next = psi_next + prior_next  # zero on terminal rows
             psi_t = None if psi_t is None else psi_t + prior_t
+        w = residual_weights(kernel, self.residual_weight)
         r_fwd = scale * (fwd - score_pb_next(x_t, x_next, a, an)) - psi_next
-        l_fwd = mean_dims(r_fwd**2)
+        l_fwd = w * mean_dims(r_fwd**2)
         terms = {"fwd": l_fwd}
         per = l_fwd
         residual = l_fwd.detach()
+        if self.forward_control == "antithetic":
+            per = per + self._antithetic_correction(batch, policy, lookahead, beta, kernel, fwd, r_fwd, w,
+                                                    t, t_next, a, an, scale)
 
         if self.uses_reverse:
             assert rev is not None and psi_t is not None
             r_rev = scale * (rev - score_pb_t(x_t, x_next, a, an)) + psi_t
-            l_rev = mean_dims(r_rev**2)
+            l_rev = w * mean_dims(r_rev**2)
             terms["rev"] = l_rev
             per = per + self.reverse_loss_weight * l_rev
             residual = residual + self.reverse_loss_weight * l_rev.detach()
@@ -122,3 +134,29 @@ class NablaDB(ScoreBalanceObjective):
         terms["trust_region"] = tr
         log_pf = kernel.log_prob(x_next, self.log_prob_reduction)
         return self.output(per + tr, residual, terms, {"policy/approx_kl": approx_kl(log_pf, self.old_log_pf(batch, log_pf))})
+
+    def _antithetic_correction(
+        self, batch: TransitionBatch, policy: PolicyModel, lookahead: Lookahead | None, beta: float, kernel: Any,
+        fwd: torch.Tensor, r_fwd: torch.Tensor, w: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+        a: torch.Tensor, an: torch.Tensor, scale: float,
+    ) -> torch.Tensor:
+        """``[N]`` term with value 0 that replaces the θ-gradient of the forward loss by its antithetic
+        estimate (see the class docstring, ``forward_control``); the φ-gradient is left as it is."""
+        x_t, x_next = batch.x_t, batch.x_next
+        with torch.no_grad():
+            mean_old = forward_kernel(x_t.detach(), batch.eps_old.to(x_t), a, an, self.eta).mean
+            x_mirror = 2 * mean_old - x_next.detach()
+            mirrored = batch.with_fields(x_next=x_mirror, lookahead_grad_next=None)
+            psi_m, _, _ = self.flow_scores(mirrored, lookahead, beta, t, t_next, a, an, at_t=False, final_head=False)
+            if self.prior_score:
+                psi_m = psi_m + self.reference_scores(policy, mirrored, t, t_next, a, an, at_t=False)[0]
+        # forward residuals whose only graph is the policy's (closed-form) forward score
+        r_theta = scale * fwd
+        r_theta = r_theta - r_theta.detach() + r_fwd.detach()  # value r_fwd, graph through s_θ^→ only
+        r_mirror = scale * (kernel.score(x_mirror) - score_pb_next(x_t, x_mirror, a, an)) - psi_m
+        r_bar = 0.5 * (r_theta + r_mirror)
+        # plain loss w·|r|²: θ-gradient 2w·r·∂r/∂θ; replace it by 2w·r̄·∂r̄/∂θ (∂r̄/∂θ = ∂r/∂θ)
+        plain_theta = w * mean_dims(r_theta * r_theta.detach() * 2 - r_theta.detach() ** 2)
+        anti_theta = w * mean_dims(r_bar * r_bar.detach() * 2 - r_bar.detach() ** 2)
+        out = anti_theta - plain_theta
+        return out - out.detach()

@@ -33,6 +33,31 @@ from gfnalign.objectives.common import (
 )
 from gfnalign.objectives.heads import make_flow_score_head
 
+#: per-transition weights of the squared score residuals (see :func:`residual_weights`)
+RESIDUAL_WEIGHTS = ("none", "sigma2")
+
+
+def residual_weights(kernel: GaussianKernel, mode: str) -> torch.Tensor:
+    """``[N]`` weight of each transition's squared score residuals.
+
+    ``"none"``: 1 (the authors' plain score-space MSE). ``"sigma2"``: σ_t², the variance of the policy's
+    Gaussian step x_t -> x_next (a fixed function of the schedule and eta, never trained). σ_t²·‖r‖² is
+    ‖σ_t²·r‖²/σ_t², i.e. the residual measured as a *mean shift* (σ_t²·score) in units of the step's
+    own variance: score residuals carry a noise term ∝ z/σ_t (see :class:`~gfnalign.objectives.nabla_db.NablaDB`),
+    whose square ~1/σ_t² this weight brings to O(1) at every step.
+
+    A positive per-transition weight changes only how the transitions are weighed: every zero-residual
+    solution stays a zero-residual solution (the fixed point of an exactly balanced chain is unchanged).
+    Where no exact solution exists (a Gaussian P_F against a fixed P_B), the least-squares compromise does
+    move, towards fitting the high-noise steps better.
+    """
+    check_choice("residual_weight", mode, RESIDUAL_WEIGHTS)
+    n = kernel.mean.shape[0]
+    if mode == "none":
+        return torch.ones(n, dtype=kernel.mean.dtype, device=kernel.mean.device)
+    var = (kernel.std.detach() ** 2).to(kernel.mean.dtype)
+    return var.expand_as(kernel.mean).flatten(1)[:, 0].clone()
+
 
 def reverse_score(kernel: GaussianKernel, x_next: torch.Tensor, x_t: torch.Tensor, *, create_graph: bool) -> torch.Tensor:
     """∇_{x_t} log P_F(x_next | x_t) (summed log-density) by autograd through the network at ``x_t``."""
