@@ -3,7 +3,7 @@
 Residual ∇-DB aligns the shipped tiny digits model (a real diffusers pipeline, 16×16 images) to the
 digit-alignment reward (log-probability of the prompted digit under the shipped classifier), then writes
 ``report.md`` with the reward curve, before/after grids, reward mean/std and within-prompt diversity.
-About ten minutes on two CPU cores. Any value can be changed with ``--set``.
+A few minutes on two CPU cores (measured numbers: README). Any value can be changed with ``--set``.
 """
 
 from __future__ import annotations

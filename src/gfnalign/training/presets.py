@@ -1,7 +1,7 @@
 """The shipped presets, written from one source of truth: ``python -m gfnalign.training.presets``.
 
 * ``DEMO``: the embedded default of ``gfnalign demo`` (residual ∇-DB on the shipped digits model with the
-  digit-alignment reward; sized to finish in about 10 minutes on two CPU cores).
+  digit-alignment reward; sized to finish in a few minutes on two CPU cores).
 * ``digits-<method>``: every method on the digits world at an equal budget (the methods table in miniature).
 * ``sd15-<reward>-<method>``: Stable Diffusion 1.5 presets mirroring the papers' defaults
   (spec/dag.md §5, spec/nabla_gfn.md §6.3, DDPO and DRaFT/ReFL where stated). The authors' code averages
@@ -46,16 +46,21 @@ _DIGITS_BASE: dict[str, Any] = {
 _DIGITS_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "dag-db": {"fraction": 0.1, "stratified": True, "trust_region": 1.0},
     "dag-kl": {"fraction": 0.1, "stratified": True, "trust_region": 1.0},
-    "nabla-db": {"fraction": 0.1, "stratified": True, "trust_region": 1.0, "gamma": "one"},
+    "nabla-db": {"fraction": 0.1, "stratified": True, "trust_region": 10.0, "gamma": "one", "prior_score": True},
     "residual-nabla-db": {"fraction": 0.1, "stratified": True, "trust_region": 1.0, "gamma": "one"},
     "ddpo": {"fraction": 0.1, "stratified": True, "clip_range": 1e-4, "adv_clip": 5.0},
     "reward-backprop": {"variant": "draft-k", "k": 1},
 }
 
 
-#: Learning rates tuned on the digits world (40-epoch runs, 60 evaluation images): the score-balance
-#: objectives take a larger LoRA step; the others keep 3e-3.
-_DIGITS_LR = {"residual-nabla-db": 1e-2, "nabla-db": 1e-2}
+#: Learning rates tuned on the digits world (short runs, 100 evaluation images); the others keep 3e-3.
+#: residual ∇-DB takes a larger LoRA step (40-epoch runs). ∇-DB diverged at 1e-2 (reward −18 after 30
+#: updates) and drifted at 1e-3 (−2.1 → −2.8 after 30) and at 3e-4 (−2.1 → −4.5 after 160): its target
+#: exp(β·r) has no prior term (Lebesgue measure), so only a small step keeps it near the pretrained model
+#: over the 160-update budget: 1e-4, trust region 10, pretrained score as the flow's base (``prior_score``)
+#: gave −2.11 → −2.00, drift 20. reward-backprop (DRaFT-K, a reward maximiser) collapsed after 10 updates
+#: at 3e-3 and degraded at 3e-4 over 80 updates (−2.11 → −2.48); 1e-4 holds (−2.11 → −2.05, drift 7).
+_DIGITS_LR = {"residual-nabla-db": 1e-2, "nabla-db": 1e-4, "reward-backprop": 1e-4}
 
 
 def digits_preset(method: str) -> dict[str, Any]:
@@ -70,6 +75,13 @@ def digits_preset(method: str) -> dict[str, Any]:
 #: ``gfnalign demo``'s embedded default.
 DEMO: dict[str, Any] = digits_preset("residual-nabla-db")
 DEMO["run_name"] = "demo"
+# More signal per sampled trajectory than the methods-table budget: 32 trajectories per epoch, a quarter of
+# each trajectory's 20 transitions trained (5, stratified), 4 updates of 32 transitions per epoch (240
+# updates in 60 epochs instead of 160 in 80). Same target p_pretrained·exp(β·r), β = 10, same lr.
+DEMO["sampling"]["batch_size"] = 32
+DEMO["method"]["options"]["fraction"] = 0.25
+DEMO["training"]["epochs"] = 60
+DEMO["training"]["max_updates_per_epoch"] = 4
 
 # -- Stable Diffusion 1.5 ------------------------------------------------------------------------------
 _SD_REWARDS: dict[str, dict[str, Any]] = {
