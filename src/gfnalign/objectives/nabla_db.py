@@ -58,6 +58,24 @@ class NablaDB(ScoreBalanceObjective):
     flow score instead of the whole ∇log p_t from zero (the fixed point is unchanged: ψ is just
     re-parametrised; ``needs_reference`` becomes True).
 
+    ``residual_weight`` (``"none"`` default | ``"sigma2"``): multiply each transition's squared residuals
+    (forward and reverse) by the step variance σ_t² (:func:`~gfnalign.objectives.score_balance.residual_weights`),
+    i.e. measure them in mean space. It changes only the weighting: a zero-residual solution stays one.
+    But with a Gaussian P_F against the fixed P_B no exact solution exists, so the least-squares
+    compromise moves: on the toy (ring4-linear β=0.5, grid9-quadratic) it was far worse (see BENCHMARKS.md).
+
+    ``forward_control`` (``"none"`` default | ``"antithetic"``): a control variate for the policy gradient
+    of the forward loss. Given x_t, x_next = μ_old + σ_t z (μ_old from ``batch.eps_old``, the sampling
+    mean), and s_θ^→ − s_B^→ = (μ_θ − μ_old)/σ_t² + [terms in x_t] + κ_t z with κ_t = −σ_t/(1 − ᾱ_next)
+    (θ- and φ-free). That κ_t z is *not* pure noise: ψ(x_next) depends on z too and cancels most of it
+    (−ψ(μ_old+σz) ≈ −ψ(μ_old) − σ J_ψ z), so subtracting κ_t z alone would add variance. What is exact:
+    ∂r_fwd/∂θ = ∂μ_θ/σ_t² depends on x_t only, so the θ-gradient E[2 r ∂r/∂θ] needs only E[r | x_t], and
+    the antithetic residual r̄ = ½(r(z) + r(−z)) (the second term at the mirrored state 2μ_old − x_next,
+    one extra flow-score / lookahead pass, no graph) has the same conditional mean. The θ-gradient becomes
+    2 r̄ ∂μ_θ/σ_t²: unbiased, with every odd-in-z term (κ_t z and ψ's linear part) removed. The head's
+    gradient and the loss value are unchanged (φ regresses E[·|x_next], where the mirror would bias it),
+    so the fixed point is unchanged.
+
     ``reverse_trains_policy`` (default False, like the authors' code) builds the reverse score with
     ``create_graph=True`` so the reverse loss also trains θ (second order, expensive). Squared score
     residuals are averaged over dimensions per transition (see :mod:`.score_balance`).
