@@ -7,9 +7,14 @@ import torch
 from gfnalign.core.kernels import forward_kernel
 from gfnalign.objectives import build_objective
 from gfnalign.objectives.score_balance import residual_weights
-from tests.unit.test_objectives_exact import BETA, ExactScoreHead, db_reward
-from tests.unit.test_objectives_world import FnLookahead, exact_tilted_policy, make_schedule, sample, tilted_center
-from tests.unit.test_objectives_exact import u_grad
+from tests.unit.test_objectives_exact import BETA, ExactScoreHead, db_reward, u_grad
+from tests.unit.test_objectives_world import (
+    FnLookahead,
+    exact_tilted_policy,
+    make_schedule,
+    sample,
+    tilted_center,
+)
 
 
 def _setup(reverse, weight, head_scale=1.0):

@@ -13,7 +13,6 @@ from gfnalign.objectives.base import LossOutput, register
 from gfnalign.objectives.common import apply_two, approx_kl, check_choice, mean_dims
 from gfnalign.objectives.score_balance import RESIDUAL_WEIGHTS, ScoreBalanceObjective, residual_weights
 
-
 FORWARD_CONTROLS = ("none", "antithetic")
 
 
