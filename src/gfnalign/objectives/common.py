@@ -20,6 +20,7 @@ batch (``lookahead_reward_t/_next``, ``lookahead_grad_t/_next``) are used when p
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -296,6 +297,23 @@ class TransitionObjective(Objective):
         if extra:
             metrics.update(extra)
         return LossOutput(loss=loss, residual=residual.detach(), metrics=metrics)
+
+
+def ppo_clip_options(objective: TransitionObjective, clip_range: float, adv_clip: float) -> tuple[float, float]:
+    """Validated ``(clip_range, adv_clip)`` of a PPO-style surrogate; warns when a tiny clip range meets
+    summed log-probs (it would clip almost every ratio)."""
+    clip_range, adv_clip = float(clip_range), float(adv_clip)
+    if not clip_range > 0:
+        raise ValueError(f"clip_range={clip_range} must be > 0 (1e-4 with mean reduction, ~0.2 with sum)")
+    if not adv_clip > 0:
+        raise ValueError(f"adv_clip={adv_clip} must be > 0 (e.g. 5)")
+    if objective.log_prob_reduction == "sum" and clip_range < 1e-2:
+        warnings.warn(
+            f"{objective.name}: clip_range={clip_range} with log_prob_reduction='sum' clips almost every ratio "
+            "(the 1e-4 of DDPO's code is for per-dimension mean log-ratios); use clip_range ~0.2 with 'sum' or "
+            "log_prob_reduction='mean'", stacklevel=3,
+        )
+    return clip_range, adv_clip
 
 
 def approx_kl(log_pf: torch.Tensor, log_pf_old: torch.Tensor) -> float:

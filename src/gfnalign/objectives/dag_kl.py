@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -10,7 +9,7 @@ import torch
 from gfnalign.core.batches import TransitionBatch
 from gfnalign.core.protocols import Lookahead, PolicyModel
 from gfnalign.objectives.base import LossOutput, register
-from gfnalign.objectives.common import check_nonneg
+from gfnalign.objectives.common import check_nonneg, ppo_clip_options
 from gfnalign.objectives.dag_db import DAGDB
 
 
@@ -71,18 +70,7 @@ class DAGKL(DAGDB):
     def __init__(self, *args: Any, kl_weight: float = 1.0, clip_range: float = 0.2, adv_clip: float = 5.0, **kw: Any):
         super().__init__(*args, **kw)
         self.kl_weight = check_nonneg("kl_weight", kl_weight)
-        self.clip_range = float(clip_range)
-        if not self.clip_range > 0:
-            raise ValueError(f"clip_range={clip_range} must be > 0 (PPO ratio clip, e.g. 0.2)")
-        self.adv_clip = float(adv_clip)
-        if not self.adv_clip > 0:
-            raise ValueError(f"adv_clip={adv_clip} must be > 0 (e.g. 5)")
-        if self.log_prob_reduction == "sum" and self.clip_range < 1e-2:
-            warnings.warn(
-                f"%s: clip_range={self.clip_range} with log_prob_reduction='sum' clips almost every ratio (the "
-                "1e-4 of DDPO's code is for per-dimension mean log-ratios); use clip_range ~0.2 with 'sum' or "
-                "log_prob_reduction='mean'" % self.name, stacklevel=2,
-            )
+        self.clip_range, self.adv_clip = ppo_clip_options(self, clip_range, adv_clip)
 
     def forward(  # type: ignore[override]
         self, batch: TransitionBatch, policy: PolicyModel, lookahead: Lookahead | None, *, beta: float

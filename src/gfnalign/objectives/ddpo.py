@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import replace
 from typing import Any
 
@@ -11,7 +10,7 @@ import torch
 from gfnalign.core.batches import TrajectoryBatch, TransitionBatch
 from gfnalign.core.protocols import Lookahead, PolicyModel
 from gfnalign.objectives.base import LossOutput, register
-from gfnalign.objectives.common import TransitionObjective, approx_kl
+from gfnalign.objectives.common import TransitionObjective, approx_kl, ppo_clip_options
 
 
 def per_prompt_advantages(reward: torch.Tensor, prompt_id: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -71,18 +70,7 @@ class DDPO(TransitionObjective):
         common.pop("state_shape", None)
         common.pop("cond_dim", None)
         super().__init__(**common)
-        self.clip_range = float(clip_range)
-        if not self.clip_range > 0:
-            raise ValueError(f"clip_range={clip_range} must be > 0 (1e-4 with mean reduction, 0.2 with sum)")
-        self.adv_clip = float(adv_clip)
-        if not self.adv_clip > 0:
-            raise ValueError(f"adv_clip={adv_clip} must be > 0 (e.g. 5)")
-        if self.log_prob_reduction == "sum" and self.clip_range < 1e-2:
-            warnings.warn(
-                f"%s: clip_range={self.clip_range} with log_prob_reduction='sum' clips almost every ratio (the "
-                "1e-4 of DDPO's code is for per-dimension mean log-ratios); use clip_range ~0.2 with 'sum' or "
-                "log_prob_reduction='mean'" % self.name, stacklevel=2,
-            )
+        self.clip_range, self.adv_clip = ppo_clip_options(self, clip_range, adv_clip)
 
     def prepare(self, traj: TrajectoryBatch) -> TrajectoryBatch:
         return replace(traj, advantage=per_prompt_advantages(traj.reward, traj.prompt_id))
