@@ -188,6 +188,17 @@ def _check_shape(state_shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
+def _make_head(state_shape: Sequence[int], cond_dim: int | None, *, scalar: bool, hidden: int | None,
+               num_train_timesteps: int, zero_init: bool) -> nn.Module:
+    """An MLP head for flat states ``(d,)``, a conv head for image latents ``(C, H, W)``."""
+    shape = _check_shape(state_shape)
+    if len(shape) == 1:
+        return MLPHead(shape[0], scalar=scalar, cond_dim=cond_dim, hidden=hidden or 128,
+                       num_train_timesteps=num_train_timesteps, zero_init=zero_init)
+    return ConvHead(shape[0], scalar=scalar, cond_dim=cond_dim, hidden=hidden or 32,
+                    num_train_timesteps=num_train_timesteps, zero_init=zero_init)
+
+
 def make_log_flow_head(
     state_shape: Sequence[int],
     cond_dim: int | None = None,
@@ -197,12 +208,8 @@ def make_log_flow_head(
     zero_init: bool = True,
 ) -> nn.Module:
     """Scalar log-flow head ``f_phi(x, t, cond) -> [N]`` for states of shape ``state_shape``."""
-    shape = _check_shape(state_shape)
-    if len(shape) == 1:
-        return MLPHead(shape[0], scalar=True, cond_dim=cond_dim, hidden=hidden or 128,
-                       num_train_timesteps=num_train_timesteps, zero_init=zero_init)
-    return ConvHead(shape[0], scalar=True, cond_dim=cond_dim, hidden=hidden or 32,
-                    num_train_timesteps=num_train_timesteps, zero_init=zero_init)
+    return _make_head(state_shape, cond_dim, scalar=True, hidden=hidden,
+                      num_train_timesteps=num_train_timesteps, zero_init=zero_init)
 
 
 def make_flow_score_head(
@@ -214,9 +221,5 @@ def make_flow_score_head(
     zero_init: bool = True,
 ) -> nn.Module:
     """Flow-score head ``g_phi(x, t, cond) -> like x`` for states of shape ``state_shape``."""
-    shape = _check_shape(state_shape)
-    if len(shape) == 1:
-        return MLPHead(shape[0], scalar=False, cond_dim=cond_dim, hidden=hidden or 128,
-                       num_train_timesteps=num_train_timesteps, zero_init=zero_init)
-    return ConvHead(shape[0], scalar=False, cond_dim=cond_dim, hidden=hidden or 32,
-                    num_train_timesteps=num_train_timesteps, zero_init=zero_init)
+    return _make_head(state_shape, cond_dim, scalar=False, hidden=hidden,
+                      num_train_timesteps=num_train_timesteps, zero_init=zero_init)
