@@ -112,20 +112,24 @@ def run_one(case: str, method: str, workdir: Path, seed: int, threads: int, reus
 
 def fmt_row(r: dict) -> str:
     if "error" in r:
-        return f"| {r['case']} | {r['method']} | failed: {r['error'][0]} | | | | | | |"
+        return f"| {r['case']} | {r['method']} | failed: {r['error'][0]} | | | | | | | | |"
     mm = r["mode_mass"]
     ed, floor = r["energy_distance"], r["energy_distance_floor"]
+    oracle = r.get("energy_distance_oracle", float("nan"))
     ratio = ed / floor if floor > 0 else float("nan")
+    ratio_oracle = ed / oracle if oracle > 0 else float("nan")
     rm = r["reward_mean"]
-    return (f"| {r['case']} | {r['method']} | {r['mode_mass_tv']:.3f} | {ed:.4f} | {floor:.4f} | {ratio:.1f} | "
+    return (f"| {r['case']} | {r['method']} | {r['mode_mass_tv']:.3f} ({r.get('mode_mass_tv_oracle', float('nan')):.3f}) | "
+            f"{ed:.4f} | {floor:.4f} | {ratio:.1f} | {oracle:.4f} | {ratio_oracle:.1f} | "
             f"{rm['finetuned']:.3f} / {rm['target']:.3f} / {rm['pretrained']:.3f} | "
             f"{' '.join(f'{x:.2f}' for x in mm['finetuned'])} ({' '.join(f'{x:.2f}' for x in mm['target'])}) | "
             f"{r['train_seconds']:.0f} / {r['wall']:.0f} |")
 
 
 def table(results: list[dict]) -> str:
-    head = ("| case | method | mode-mass TV | energy dist. | floor | ED/floor | reward fine-tuned / target / pretrained "
-            "| mode mass fine-tuned (target) | train s / total s |\n|---|---|---|---|---|---|---|---|---|")
+    head = ("| case | method | mode-mass TV (oracle) | energy dist. | floor | ED/floor | oracle ED | ED/oracle "
+            "| reward fine-tuned / target / pretrained | mode mass fine-tuned (target) | train s / total s |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
     return head + "\n" + "\n".join(fmt_row(r) for r in results)
 
 

@@ -54,9 +54,9 @@ def db_reward(sched):
 class ExactLogFlow(nn.Module):
     """log F(x, t) = log Z + log N(x; √ā m', (1−ā)I), minus beta·u(x) when forward-looking; times ``scale``."""
 
-    def __init__(self, sched, forward_looking, scale=1.0):
+    def __init__(self, sched, forward_looking, scale=1.0, gamma="one"):
         super().__init__()
-        self.sched, self.fl, self.scale = sched, forward_looking, scale
+        self.sched, self.fl, self.scale, self.gamma = sched, forward_looking, scale, gamma
         self.center, self.logz = tilted_center(sched, BETA), log_z(sched, BETA)
         self.bias = nn.Parameter(torch.zeros((), dtype=DT))
 
@@ -64,21 +64,25 @@ class ExactLogFlow(nn.Module):
         ab = ab_of(self.sched, t)
         val = (self.logz + log_normal(x, ab.sqrt() * self.center, 1 - ab)) * self.scale
         if self.fl:
-            val = val - BETA * self.scale * u_value(x, t, torch.zeros(len(x), dtype=torch.bool))
+            g = gamma_weight(self.gamma, ab).reshape(-1)
+            val = val - BETA * self.scale * g * u_value(x, t, torch.zeros(len(x), dtype=torch.bool))
         return val + self.bias
 
 
 @pytest.mark.parametrize("method", ["dag-db", "dag-kl"])
-@pytest.mark.parametrize("forward_looking", [False, True])
+@pytest.mark.parametrize(("forward_looking", "gamma"), [(False, "one"), (True, "one"), (True, "alpha_bar"),
+                                                       (True, "sqrt_alpha_bar")])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_dag_residual_vanishes_at_exact_flow(method, forward_looking, reduction):
+@pytest.mark.parametrize("flow_gradient", ["full", "target"])
+def test_dag_residual_vanishes_at_exact_flow(method, forward_looking, gamma, reduction, flow_gradient):
     sched = make_schedule()
     r, _ = db_reward(sched)
     traj = sample(exact_tilted_policy(sched, BETA), reward_fn=r)
     D = 2
     scale = 1.0 if reduction == "sum" else 1.0 / D  # "mean": balance holds for D·log P, i.e. beta -> beta / D
-    obj = build_objective(method, log_flow_head=ExactLogFlow(sched, forward_looking, scale),
-                          forward_looking=forward_looking, log_prob_reduction=reduction)
+    obj = build_objective(method, log_flow_head=ExactLogFlow(sched, forward_looking, scale, gamma),
+                          forward_looking=forward_looking, log_prob_reduction=reduction, gamma=gamma,
+                          flow_gradient=flow_gradient)
     la = FnLookahead(value=u_value)
     batch = obj.select_transitions(traj)
     assert len(batch) == traj.batch_size * sched.num_steps

@@ -197,3 +197,67 @@ def test_one_head_pass_and_one_lookahead_call_per_loss(name):
     batch = obj.select_transitions(traj, torch.Generator().manual_seed(0))
     obj(batch, pol, la, beta=BETA)
     assert len(calls) == 1 and la.calls == 1
+
+
+@pytest.mark.parametrize("name", ["dag-db", "dag-kl"])
+def test_semi_flow_gradient_trains_the_head_through_x_t_only(name):
+    """flow_gradient="semi": the head's gradient is Σ 2δ·∂f(x_t)/∂φ (f(x_next) is a fixed target); the
+    value of the loss and the policy's gradient are those of the full-gradient objective."""
+    pol, traj = world()
+    grads, losses, policy_grads = {}, {}, {}
+    for mode in ("full", "semi"):
+        torch.manual_seed(0)
+        obj = build_objective(name, state_shape=(2,), flow_gradient=mode).double()
+        out, batch = run(obj, pol, traj)
+        grads[mode] = [p.grad.clone() for p in obj.parameters()]
+        losses[mode] = float(out.loss.detach())
+        policy_grads[mode] = [p.grad.clone() for p in policy_params(pol)]
+    assert losses["semi"] == pytest.approx(losses["full"], rel=1e-12)
+    for a, b in zip(policy_grads["full"], policy_grads["semi"], strict=True):
+        torch.testing.assert_close(a, b)
+    # the semi-gradient equals the full gradient minus the part that flows through f(x_next)
+    torch.manual_seed(0)
+    obj = build_objective(name, state_shape=(2,)).double()
+    batch = obj.select_transitions(obj.prepare(traj), torch.Generator().manual_seed(0))
+    delta, _, _, _ = obj.delta(batch, pol, lookahead(), BETA)
+    t, t_next, _, _ = pol.schedule.at_steps(batch.step, dtype=DT)
+    f_t = obj.log_flow_head(batch.x_t, t, None)
+    expected = torch.autograd.grad((2 * delta.detach() * f_t).sum() / len(batch), list(obj.parameters()),
+                                   allow_unused=True)
+    for got, want in zip(grads["semi"], expected, strict=True):
+        torch.testing.assert_close(got, torch.zeros_like(got) if want is None else want)
+    assert any(float((a - b).abs().max()) > 1e-8 for a, b in zip(grads["full"], grads["semi"], strict=True))
+
+
+def test_target_flow_network_is_a_polyak_copy_that_is_saved_but_never_trained():
+    pol, traj = world()
+    torch.manual_seed(0)
+    obj = build_objective("dag-db", state_shape=(2,), flow_gradient="target", target_ema=0.25).double()
+    assert set(obj.trainable_modules()) == {"log_flow_head"}
+    assert any(k.startswith("target_log_flow_head.") for k in obj.state_dict()), "checkpoints must carry the target"
+    with torch.no_grad():  # make head and target differ
+        for p in obj.log_flow_head.parameters():
+            p.add_(0.1)
+    out, _ = run(obj, pol, traj)
+    assert all(p.grad is None for p in obj.target_log_flow_head.parameters())
+    assert gsum(obj.log_flow_head.parameters()) > 0
+    before = [p.clone() for p in obj.target_log_flow_head.parameters()]
+    obj.after_optimizer_step()
+    for old, new, head in zip(before, obj.target_log_flow_head.parameters(), obj.log_flow_head.parameters(),
+                              strict=True):
+        torch.testing.assert_close(new, 0.75 * old + 0.25 * head)
+    # τ = 1: the target is the head after one step, so the loss equals the plain semi-gradient one
+    full = build_objective("dag-db", state_shape=(2,), flow_gradient="target", target_ema=1.0).double()
+    semi = build_objective("dag-db", state_shape=(2,), flow_gradient="semi").double()
+    semi.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith("target_")})
+    with torch.no_grad():
+        for p in full.log_flow_head.parameters():
+            p.add_(0.05)
+        for p in semi.log_flow_head.parameters():
+            p.add_(0.05)
+    full.after_optimizer_step()
+    a, _ = run(full, pol, traj)
+    b, _ = run(semi, pol, traj)
+    assert float(a.loss.detach()) == pytest.approx(float(b.loss.detach()), rel=1e-12)
+    with pytest.raises(ValueError, match="target_ema"):
+        build_objective("dag-db", state_shape=(2,), flow_gradient="target", target_ema=0.0)

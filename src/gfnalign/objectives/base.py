@@ -57,6 +57,9 @@ class Objective(nn.Module):
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {name: module for name, module in self.named_children()}
 
+    def after_optimizer_step(self) -> None:
+        """Called by the training loops after every optimizer step (e.g. to move a target network)."""
+
 
 # name -> factory(**options) -> Objective ; filled by each objective module at import.
 REGISTRY: dict[str, Callable[..., Objective]] = {}

@@ -30,7 +30,14 @@ import torch
 from gfnalign.toy.metrics import energy_distance, mode_mass, total_variation
 from gfnalign.toy.mixture import DTYPE, GaussianMixture
 from gfnalign.toy.rewards import ToyReward
-from gfnalign.toy.world import ToyLookahead, ToyPolicy, final_alpha_bar, sample_chain, toy_schedule
+from gfnalign.toy.world import (
+    ToyLookahead,
+    ToyPolicy,
+    final_alpha_bar,
+    oracle_mixture,
+    sample_chain,
+    toy_schedule,
+)
 
 METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "ddpo", "reward-backprop")
 #: methods whose fixed point is ∝ R alone: the toy hands them r + log p_f / β so the target is p_f·exp(βr)
@@ -135,15 +142,15 @@ def train(
     policy = ToyPolicy(mixture, schedule, hidden=cfg["hidden"], depth=cfg["depth"],
                        parametrization=cfg["parametrization"])
     prior = method in PRIOR_IN_REWARD
-    lookahead = ToyLookahead(
-        policy, reward, model=cfg["lookahead_model"], prior_scale=(1.0 / beta) if prior else 0.0,
-        prior_flow=cfg["prior_flow"],
-    )
     if method not in REGISTRY:  # registers the objective if the package __init__ does not yet
         import importlib
 
         importlib.import_module(f"gfnalign.objectives.{method.replace('-', '_')}")
     objective = build_objective(method, state_shape=(mixture.dim,), **cfg["objective"]).to(DTYPE)
+    lookahead = ToyLookahead(
+        policy, reward, model=cfg["lookahead_model"], prior_scale=(1.0 / beta) if prior else 0.0,
+        prior_flow=cfg["prior_flow"], gamma=getattr(objective, "gamma", "one") if prior else "one",
+    )
     groups = [{"params": list(policy.correction.parameters()), "lr": cfg["lr"]}]
     head_params = [p for m in objective.trainable_modules().values() for p in m.parameters()]
     if head_params:
@@ -194,6 +201,7 @@ def train(
         if cfg["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(all_params, float(cfg["grad_clip"]))
         opt.step()
+        objective.after_optimizer_step()
         sched.step()
         last = {"loss/total": float(out.loss.detach()), **{k: float(v) for k, v in out.metrics.items()}}
         last["reward/mean"] = float(lookahead.reward(final.to(DTYPE)).mean())
@@ -217,12 +225,18 @@ def evaluate(
 
     ``mode_mass.target`` uses ``target_mass_samples`` exact samples under the same assignment rule, so
     the TV of an exact sampler is zero up to its own sampling noise. ``energy_distance`` compares
-    ``samples`` fine-tuned vs ``samples`` exact target draws; ``energy_distance_floor`` compares the
-    exact-ε chain vs the exact untilted terminal mixture at the same sample size.
+    ``samples`` fine-tuned vs ``samples`` exact target draws; ``energy_distance_floor`` (the DESIGN §6
+    contract) compares the exact-ε chain vs the exact untilted terminal mixture at the same sample size.
+
+    ``*_oracle`` keys: the same statistics for the chain run with the exact ε of the *tilted* target
+    (:func:`oracle_mixture`), i.e. the discretisation floor of the problem actually solved. It shares
+    the fine-tuned chain's noise (same generator seed) and the same exact target draws, so the
+    difference ``energy_distance - energy_distance_oracle`` is measured with common random numbers.
     """
     if samples < 2:
         raise ValueError(f"samples={samples} must be at least 2")
-    gen = torch.Generator().manual_seed(seed + 1_000_003)
+    chain_seed = seed + 1_000_003
+    gen = torch.Generator().manual_seed(chain_seed)
     p_final = mixture.noised(final_alpha_bar(policy.schedule))
     target = reward.tilt(p_final, beta)
     finetuned = sample_chain(policy, samples, gen)
@@ -235,7 +249,7 @@ def evaluate(
         "finetuned": mode_mass(finetuned, target),
         "pretrained": mode_mass(pretrained, target),
     }
-    return {
+    result: dict[str, Any] = {
         "mode_mass": mass,
         "mode_mass_tv": total_variation(mass["finetuned"], mass["target"]),
         "energy_distance": energy_distance(finetuned, target_x),
@@ -247,6 +261,15 @@ def evaluate(
         },
         "samples": samples,
     }
+    oracle_data = oracle_mixture(target, policy.schedule)
+    if oracle_data is not None:
+        oracle = ToyPolicy(oracle_data, policy.schedule)
+        oracle_x = sample_chain(oracle, samples, torch.Generator().manual_seed(chain_seed), reference=True)
+        mass["oracle"] = mode_mass(oracle_x, target)
+        result["mode_mass_tv_oracle"] = total_variation(mass["oracle"], mass["target"])
+        result["energy_distance_oracle"] = energy_distance(oracle_x, target_x)
+        result["reward_mean"]["oracle"] = float(reward(oracle_x).mean())
+    return result
 
 
 def run_toy(

@@ -55,6 +55,24 @@ def final_alpha_bar(schedule: NoiseSchedule) -> float:
     return float(schedule.alpha_bars_next[-1])
 
 
+def oracle_mixture(tilted_final: GaussianMixture, schedule: NoiseSchedule) -> GaussianMixture | None:
+    """The clean mixture whose noising to the final alpha-bar is exactly ``tilted_final``, or None.
+
+    A :class:`ToyPolicy` built on it has the exact ε of the *tilted* target at every noise level: the
+    best any sampler of this Gaussian-kernel family can do without changing the step count. Its
+    distance to the target is the discretisation floor of the tilted problem. (The floor of the
+    untilted, symmetric mixture can be far lower: symmetric mode masses cancel the discretisation
+    error that unequal tilted masses keep.) None when a tilted component is narrower than the
+    final noise, which only extreme tilts produce.
+    """
+    ab = final_alpha_bar(schedule)
+    eigvals = (tilted_final.eigvals - (1 - ab)) / ab
+    if not bool((eigvals > 0).all()):
+        return None
+    return GaussianMixture(weights=tilted_final.weights, means=tilted_final.means / math.sqrt(ab),
+                           eigvals=eigvals, eigvecs=tilted_final.eigvecs)
+
+
 class Correction(nn.Module):
     """A small MLP ``(x, t) -> Δε``; its last layer starts at zero so the policy starts exact."""
 
@@ -176,7 +194,9 @@ class ToyLookahead:
     """Lookahead: raw (effective) reward of the predicted clean sample, and its gradient w.r.t. x.
 
     ``value(x) = r(x̂0(x)) + prior_scale · log p(x)`` (see the module docstring); at terminal rows
-    ``x̂0(x) = x``. ``prior_scale`` may be changed between epochs (β annealing: keep it at 1/β_e).
+    ``x̂0(x) = x``. ``gamma`` is the forward-looking weight γ_t the objective applies to the whole
+    lookahead (dag-db / nabla-db option ``gamma``): the prior term is divided by it at non-terminal
+    rows, so the flow gets ``γ_t·β·r(x̂0) + log p_t`` (the prior is the pretrained flow, not a guess). ``prior_scale`` may be changed between epochs (β annealing: keep it at 1/β_e).
     """
 
     def __init__(
@@ -187,6 +207,7 @@ class ToyLookahead:
         model: str = "reference",
         prior_scale: float = 0.0,
         prior_flow: str = "marginal",
+        gamma: str = "one",
     ):
         if model not in LOOKAHEAD_MODELS:
             raise ValueError(f"lookahead_model={model!r}; use one of {', '.join(LOOKAHEAD_MODELS)}")
@@ -197,6 +218,9 @@ class ToyLookahead:
         self.model = model
         self.prior_scale = float(prior_scale)
         self.prior_flow = prior_flow
+        if gamma not in ("one", "alpha_bar", "sqrt_alpha_bar"):
+            raise ValueError(f"gamma={gamma!r}; use 'one', 'alpha_bar' or 'sqrt_alpha_bar'")
+        self.gamma = gamma
         self.final_mixture = policy.mixture.noised(final_alpha_bar(policy.schedule))
 
     def _value(self, x: torch.Tensor, t: torch.Tensor, terminal: torch.Tensor) -> torch.Tensor:
@@ -209,11 +233,16 @@ class ToyLookahead:
         x0 = torch.where(terminal[:, None], xd, x0)
         value = self.reward(x0)
         if self.prior_scale:
+            ab = self.policy.alpha_bar(t, n)
             if self.prior_flow == "marginal":
-                ab = self.policy.alpha_bar(t, n)
                 logp = self.policy.mixture.log_prob(xd, ab)
             else:
                 logp = self.final_mixture.log_prob(x0)
+            if self.gamma != "one":
+                # the objective multiplies the whole lookahead by γ_t; the prior's log-flow must reach
+                # the flow undamped (it is the pretrained model's own flow, not a guess)
+                g = ab if self.gamma == "alpha_bar" else ab.sqrt()
+                logp = torch.where(terminal, logp, logp / g)
             value = value + self.prior_scale * logp
         return value
 

@@ -423,6 +423,7 @@ class Trainer:
                     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in with_grad]))
                 metrics[f"grad_norm/{name}"] = float(norm)
             self.optimizer.step()
+            self.objective.after_optimizer_step()
             self.optimizer.zero_grad(set_to_none=True)
             self.counts["nan_streak"] = 0
             metrics["train/skipped"] = 0.0
