@@ -14,11 +14,11 @@ from gfnalign.core.kernels import backward_kernel
 from gfnalign.core.protocols import Lookahead, PolicyModel
 from gfnalign.objectives.base import LossOutput, register
 from gfnalign.objectives.common import (
+    GAMMAS,
     TransitionObjective,
     apply_rows,
     apply_two,
     approx_kl,
-    GAMMAS,
     check_choice,
     check_terminal_reward,
     gamma_weight,
