@@ -39,18 +39,20 @@ def test_each_method_trains_and_exports(method, pipeline, tmp_path):
     assert TrainConfig.load(run / "config.yaml") == cfg
 
 
-def _resume_cfg(pipeline: Path) -> TrainConfig:
+def _resume_cfg(pipeline: Path, flow_gradient: str = "full") -> TrainConfig:
     return TrainConfig.from_dict(tiny_config(
-        pipeline, "dag-db", {"fraction": 0.5},
+        pipeline, "dag-db", {"fraction": 0.5, "flow_gradient": flow_gradient},
         training={"epochs": 2, "micro_batch": 2, "max_updates_per_epoch": 2},
         logging={"report": False, "tensorboard": False, "progress": False, "sample_every": 0,
                  "checkpoint_every": 1, "keep_checkpoints": 3},
     ))
 
 
-def test_interrupt_and_resume_is_bit_exact(pipeline, tmp_path):
-    """Stopped mid-epoch (after update 1), then at an epoch boundary (update 2), then run to the end."""
-    cfg = _resume_cfg(pipeline)
+@pytest.mark.parametrize("flow_gradient", ["full", "target"])
+def test_interrupt_and_resume_is_bit_exact(pipeline, tmp_path, flow_gradient):
+    """Stopped mid-epoch (after update 1), then at an epoch boundary (update 2), then run to the end.
+    With ``flow_gradient="target"`` the checkpoint must also carry DAG-DB's target flow network."""
+    cfg = _resume_cfg(pipeline, flow_gradient)
     clean = tmp_path / "clean"
     assert Trainer(cfg, clean).train() == 0
     run = tmp_path / "interrupted"

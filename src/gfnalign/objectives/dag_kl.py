@@ -57,6 +57,8 @@ class DAGKL(DAGDB):
     trust region                 yes            --
     ===========================  =============  =============
 
+    The flow options of DAG-DB apply unchanged (``flow_gradient``, ``target_ema``, ``gamma``, the head).
+
     Choices (spec/dag.md §8.5): the RLOO group is the whole transition batch passed in (mixed
     timesteps and prompts, like the authors' per-GPU micro-batch; it is not shared across ranks);
     the baseline and LOO-std follow the authors; ``clip_range`` defaults to 0.2 because the default
