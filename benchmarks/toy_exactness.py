@@ -77,7 +77,12 @@ Findings (seed 0, 2026-11-24):
 * Energy distance: dag-db and dag-kl are at the oracle's level on ring4 (0.0015 and 0.0018 against 0.0019)
   and at 3.2× / 2.9× the oracle on grid9. residual-nabla-db is at 4.0× the oracle on both 2-D cases: its
   `no_flow` guess β∇r(x̂0(x)) leaves out the between-mode cumulant of log E[exp(βr(x0)) | x_t], so it
-  under-tilts a little (0.61 against 0.64 on ring4's top mode). Against the contract floor (the untilted
+  under-tilts a little (0.61 against 0.64 on ring4's top mode). Side runs (`--set updates=2400`, 112 s of
+  training): ring4 improves to TV 0.024 / ED 0.0053 (2.8× the oracle), with lr 5e-3 0.023 / 0.0052, with
+  lr 1e-3 0.031 / 0.0075. grid9 gets worse, to 0.046 / 0.0154 (reward −0.56 against −0.67): its guess
+  over-tilts the quadratic reward, so the defaults stay at 1200 updates. The learned flow-score head
+  (`objective.no_flow=false`) is far worse: TV 0.17 with head_lr 1e-4, 0.29 with 3e-4 (ring4). It first cancels
+  the guess. Against the contract floor (the untilted
   sampler) every ratio is 2–5× larger. Even the oracle itself sits at 1.7–2.4× that floor here, and at
   2.5–5× over three evaluation seeds.
 * nabla-db over-tilts grid9 (reward −0.48 against −0.67) and under-tilts ring4 a little, within its TV

@@ -60,7 +60,11 @@ _DIGITS_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
 #: over the 160-update budget: 1e-4, trust region 10, pretrained score as the flow's base (``prior_score``)
 #: gave −2.11 → −2.00, drift 20. reward-backprop (DRaFT-K, a reward maximiser) collapsed after 10 updates
 #: at 3e-3 and degraded at 3e-4 over 80 updates (−2.11 → −2.48); 1e-4 holds (−2.11 → −2.05, drift 7).
-_DIGITS_LR = {"residual-nabla-db": 1e-2, "nabla-db": 1e-4, "reward-backprop": 1e-4}
+#: DAG-DB / DAG-KL (target exp(β·r), no prior term either) wrecked the model at 3e-3 over the 160 updates
+#: (dag-db −1.93 → −14.4, prior drift 2969; dag-kl → −4.54, drift 695; 200 evaluation images, seed 0);
+#: 3e-4 keeps it (dag-db −1.94, drift 7.3; dag-kl −1.96, drift 7.1) without a gain beyond the evaluation's
+#: noise (standard error ≈ 0.43). BENCHMARKS.md, "DAG-DB flow gradient".
+_DIGITS_LR = {"residual-nabla-db": 1e-2, "nabla-db": 1e-4, "reward-backprop": 1e-4, "dag-db": 3e-4, "dag-kl": 3e-4}
 
 
 def digits_preset(method: str) -> dict[str, Any]:
