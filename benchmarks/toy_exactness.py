@@ -82,7 +82,7 @@ Findings (seed 0, 2026-11-24):
   lr 1e-3 0.031 / 0.0075. grid9 gets worse, to 0.046 / 0.0154 (reward −0.56 against −0.67): its guess
   over-tilts the quadratic reward, so the defaults stay at 1200 updates. The learned flow-score head
   (`objective.no_flow=false`) is far worse: TV 0.17 with head_lr 1e-4, 0.29 with 3e-4 (ring4). It first cancels
-  the guess. Against the contract floor (the untilted
+  the guess. x̂0 from the current policy (`lookahead_model=policy`) diverges (TV 0.86 / 0.72). Against the contract floor (the untilted
   sampler) every ratio is 2–5× larger. Even the oracle itself sits at 1.7–2.4× that floor here, and at
   2.5–5× over three evaluation seeds.
 * nabla-db over-tilts grid9 (reward −0.48 against −0.67) and under-tilts ring4 a little, within its TV
