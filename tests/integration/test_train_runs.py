@@ -66,6 +66,10 @@ def test_interrupt_and_resume_is_bit_exact(pipeline, tmp_path, flow_gradient):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    if flow_gradient == "target":  # the trainer moved the target: its zero-initialised output layer is not zero
+        heads = torch.load(sorted((run / "checkpoints").glob("*/heads.pt"))[-1])
+        out = [v for k, v in heads.items() if k.startswith("target_log_flow_head.") and k.endswith("out.weight")]
+        assert out and float(out[0].abs().sum()) > 0
 
 
 def test_nan_reward_is_skipped_and_counted(pipeline, tmp_path):

@@ -240,6 +240,11 @@ def test_target_flow_network_is_a_polyak_copy_that_is_saved_but_never_trained():
             p.add_(0.1)
     out, _ = run(obj, pol, traj)
     assert all(p.grad is None for p in obj.target_log_flow_head.parameters())
+    # x_next is read through the (now different) target copy: the loss is not the plain semi-gradient one
+    semi_same_head = build_objective("dag-db", state_shape=(2,), flow_gradient="semi").double()
+    semi_same_head.load_state_dict({k: v for k, v in obj.state_dict().items() if not k.startswith("target_")})
+    other, _ = run(semi_same_head, pol, traj)
+    assert abs(float(out.loss.detach()) - float(other.loss.detach())) > 1e-6
     assert gsum(obj.log_flow_head.parameters()) > 0
     before = [p.clone() for p in obj.target_log_flow_head.parameters()]
     obj.after_optimizer_step()

@@ -171,6 +171,39 @@ def test_oracle_mixture_noises_to_the_tilted_target_and_samples_it(reward):
     assert oracle_mixture(narrow, sched) is None
 
 
+@pytest.mark.parametrize("gamma", ["alpha_bar", "sqrt_alpha_bar"])
+def test_lookahead_gamma_leaves_the_prior_flow_undamped(gamma):
+    """With the objective's γ_t applied to the whole lookahead, the flow gets γ_t·r(x̂0) + c·log p_t."""
+    mix, sched = four_modes(), toy_schedule()
+    pol = ToyPolicy(mix, sched)
+    reward = LinearReward(torch.tensor([1.0, 0.5], dtype=D))
+    plain = ToyLookahead(pol, reward, prior_scale=2.0)
+    damped = ToyLookahead(pol, reward, prior_scale=2.0, gamma=gamma)
+    x = torch.randn(12, 2, dtype=D, generator=torch.Generator().manual_seed(4))
+    t = sched.timesteps[torch.arange(12) % sched.num_steps]
+    terminal = torch.zeros(12, dtype=torch.bool)
+    terminal[:3] = True
+    ab = sched.alphas_cumprod[t].to(D)
+    g = torch.where(terminal, torch.ones_like(ab), ab if gamma == "alpha_bar" else ab.sqrt())
+    logp = torch.where(terminal, mix.noised(final_alpha_bar(sched)).log_prob(x), mix.log_prob(x, ab))
+    r_hat = plain.log_reward(x, t, terminal=terminal) - 2.0 * logp
+    torch.testing.assert_close(g * damped.log_reward(x, t, terminal=terminal), g * r_hat + 2.0 * logp)
+    with pytest.raises(ValueError, match="gamma"):
+        ToyLookahead(pol, reward, gamma="half")
+
+
+def test_toy_loop_moves_the_target_flow_network_after_every_update(monkeypatch):
+    from gfnalign.objectives.dag_db import DAGDB
+    from gfnalign.toy.train import train
+
+    calls = []
+    original = DAGDB.after_optimizer_step
+    monkeypatch.setattr(DAGDB, "after_optimizer_step", lambda self: (calls.append(1), original(self)))
+    reward = LinearReward(torch.tensor([1.0, 0.5], dtype=D))
+    train("dag-db", four_modes(), reward, 0.5, steps=3, config={"batch_size": 8})
+    assert len(calls) == 3
+
+
 def test_energy_distance_properties():
     g = torch.Generator().manual_seed(6)
     x = torch.randn(2000, 2, dtype=D, generator=g)

@@ -114,6 +114,8 @@ class DAGDB(TransitionObjective):
         check_choice("flow_gradient", flow_gradient, FLOW_GRADIENTS)
         self.flow_gradient = flow_gradient
         check_choice("gamma", gamma, GAMMAS)
+        if gamma != "one" and not self.forward_looking:
+            raise ValueError(f"gamma={gamma!r} weights the forward-looking term; it needs forward_looking=True")
         self.gamma = gamma
         if log_flow_head is None:
             if state_shape is None:
@@ -162,6 +164,7 @@ class DAGDB(TransitionObjective):
             log_f_t = self.log_flow_head(x_t, t, cond).to(like.dtype)
             with torch.no_grad():
                 log_f_next = apply_rows(self.target_log_flow_head, nonterminal, x_next, t_next, cond, like)
+            log_f_next = log_f_next.to(like.dtype)
         else:
             # one head pass over x_t (all rows) and x_next (non-terminal rows)
             log_f_t, log_f_next = apply_two(self.log_flow_head, x_t, t, all_rows, x_next, t_next, nonterminal, cond,

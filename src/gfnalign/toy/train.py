@@ -64,7 +64,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "objective": {"fraction": 0.1, "stratified": True, "flow_gradient": "target", "target_ema": 0.1},
         "updates": 1500, "batch_size": 256, "lr": 1e-3, "head_lr": 3e-3, "lookahead_model": "reference",
     },
-    # γ = 1 is required here: the lookahead carries ∇log p_t of the prior term, which must not be damped.
+    # γ = 1: the reward's guess is not damped (the prior's ∇log p_t never is, see ToyLookahead's gamma).
     # forward_control="antithetic" removes the O(1/σ_t) z-odd noise of the forward residual from the policy
     # gradient (unbiased, same fixed point); with it lr 1e-3 (3e-3 over-tilts). See BENCHMARKS.md.
     "nabla-db": {

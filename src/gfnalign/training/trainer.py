@@ -263,6 +263,9 @@ class Trainer:
             return
         for p in self.policy_params + self.head_params:
             torch.distributed.broadcast(p.data, src=0)
+        # the objective's untrained state too (e.g. DAG-DB's target flow network), so ranks start identical
+        for tensor in self.objective.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
 
     def _all_reduce_grads(self) -> None:
         if not self.distributed:
@@ -487,10 +490,14 @@ class Trainer:
         return final
 
     def _param_checksum(self) -> torch.Tensor:
-        """[1] float64 sum of |p| and p over all trainable parameters (ranks must agree exactly)."""
+        """[1] float64 sum of |p| and p over all trainable parameters, plus |·| of the objective's state
+        (ranks must agree exactly)."""
         total = torch.zeros(1, dtype=torch.float64)
         for i, p in enumerate(self.policy_params + self.head_params):
             total += p.detach().double().cpu().sum() * (1 + 1e-3 * (i % 7)) + p.detach().double().cpu().abs().sum()
+        for tensor in self.objective.state_dict().values():  # also untrained state (a target network)
+            if tensor.is_floating_point():
+                total += tensor.detach().double().cpu().abs().sum()
         return total
 
     def _load_checkpoint(self, path: Path) -> None:
