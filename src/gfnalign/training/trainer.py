@@ -261,9 +261,9 @@ class Trainer:
     def _broadcast_params(self) -> None:
         if not self.distributed:
             return
-        for p in self.policy_params + self.head_params:
+        for p in self.policy_params:
             torch.distributed.broadcast(p.data, src=0)
-        # the objective's untrained state too (e.g. DAG-DB's target flow network), so ranks start identical
+        # the heads live in the objective, with its untrained state (e.g. DAG-DB's target flow network)
         for tensor in self.objective.state_dict().values():
             torch.distributed.broadcast(tensor, src=0)
 
