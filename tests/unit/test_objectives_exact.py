@@ -180,14 +180,16 @@ def test_nabla_db_residual_vanishes_at_exact_flow_score(forward_looking, gamma, 
 
 @pytest.mark.parametrize("forward_looking,gamma", [(False, "one"), (True, "alpha_bar"), (True, "sqrt_alpha_bar")])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_residual_nabla_db_vanishes_at_exact_tilt(forward_looking, gamma, reduction):
+@pytest.mark.parametrize("estimator", ["sampled", "expected", "bootstrap"])
+def test_residual_nabla_db_vanishes_at_exact_tilt(forward_looking, gamma, reduction, estimator):
     sched = make_schedule()
     center = tilted_center(sched, BETA)  # exact target ∝ p_pretrained(x)·exp(beta·aᵀx)
     scale = 1.0 if reduction == "sum" else 0.5
     head = ExactScoreHead(sched, lambda x, ab: (ab.sqrt() * (center - M) / (1 - ab)).expand_as(x), forward_looking,
                           gamma, scale)
     obj = build_objective("residual-nabla-db", flow_score_head=head, forward_looking=forward_looking, gamma=gamma,
-                          fraction=0.5, stratified=True, log_prob_reduction=reduction)
+                          fraction=0.5, stratified=True, log_prob_reduction=reduction, reverse_estimator=estimator,
+                          head_target="both" if estimator == "sampled" else "reverse")
     la = FnLookahead(grad=lambda x, t, term: torch.where(term[:, None], A.expand_as(x), u_grad(x, t, term)))
     traj = sample(exact_tilted_policy(sched, BETA), reward_fn=lambda x: (x @ A).float())
     batch = obj.select_transitions(traj, torch.Generator().manual_seed(0))

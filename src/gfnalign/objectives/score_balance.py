@@ -72,6 +72,17 @@ def reverse_score(kernel: GaussianKernel, x_next: torch.Tensor, x_t: torch.Tenso
     return grad
 
 
+def expected_reverse_score(kernel: GaussianKernel, target_mean: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """E_{x_next ~ N(target_mean, σ²)}[∇_{x_t} log P(x_next | x_t)] = J_μ(x_t)ᵀ (target_mean − μ(x_t)) / σ².
+
+    ``kernel`` = N(μ(x_t), σ²) built with a graph from ``x_t`` (σ must not depend on x_t, as in DDPM/DDIM);
+    one vector-Jacobian product through the network, detached.
+    """
+    weight = ((target_mean - kernel.mean) / kernel.std**2).detach()
+    (grad,) = torch.autograd.grad((kernel.mean * weight).sum(), x_t, retain_graph=False)
+    return grad.detach()
+
+
 class ScoreBalanceObjective(TransitionObjective):
     """Common options of the ∇-DB objectives (see the subclasses for the losses)."""
 
