@@ -180,8 +180,9 @@ def test_nabla_db_residual_vanishes_at_exact_flow_score(forward_looking, gamma, 
 
 @pytest.mark.parametrize("forward_looking,gamma", [(False, "one"), (True, "alpha_bar"), (True, "sqrt_alpha_bar")])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-@pytest.mark.parametrize("estimator", ["sampled", "expected", "bootstrap"])
-def test_residual_nabla_db_vanishes_at_exact_tilt(forward_looking, gamma, reduction, estimator):
+@pytest.mark.parametrize(("estimator", "forward_at"), [("sampled", "next"), ("expected", "next"), ("bootstrap", "next"),
+                                                       ("bootstrap", "current")])
+def test_residual_nabla_db_vanishes_at_exact_tilt(forward_looking, gamma, reduction, estimator, forward_at):
     sched = make_schedule()
     center = tilted_center(sched, BETA)  # exact target ∝ p_pretrained(x)·exp(beta·aᵀx)
     scale = 1.0 if reduction == "sum" else 0.5
@@ -189,7 +190,7 @@ def test_residual_nabla_db_vanishes_at_exact_tilt(forward_looking, gamma, reduct
                           gamma, scale)
     obj = build_objective("residual-nabla-db", flow_score_head=head, forward_looking=forward_looking, gamma=gamma,
                           fraction=0.5, stratified=True, log_prob_reduction=reduction, reverse_estimator=estimator,
-                          head_target="both" if estimator == "sampled" else "reverse")
+                          head_target="both" if estimator == "sampled" else "reverse", forward_at=forward_at)
     la = FnLookahead(grad=lambda x, t, term: torch.where(term[:, None], A.expand_as(x), u_grad(x, t, term)))
     traj = sample(exact_tilted_policy(sched, BETA), reward_fn=lambda x: (x @ A).float())
     batch = obj.select_transitions(traj, torch.Generator().manual_seed(0))
@@ -203,7 +204,8 @@ def test_residual_nabla_db_vanishes_at_exact_tilt(forward_looking, gamma, reduct
     assert obj(batch, bad, la, beta=BETA * scale).residual.mean() > 1e-2
 
 
-def test_residual_nabla_db_no_flow_vanishes_when_lookahead_is_exact():
+@pytest.mark.parametrize("forward_at", ["next", "current"])
+def test_residual_nabla_db_no_flow_vanishes_when_lookahead_is_exact(forward_at):
     sched = make_schedule()
     center = tilted_center(sched, BETA)
 
@@ -212,7 +214,7 @@ def test_residual_nabla_db_no_flow_vanishes_when_lookahead_is_exact():
         exact = (ab.sqrt() * (center - M) / (1 - ab)).expand_as(x) / BETA  # gamma = one
         return torch.where(term[:, None], A.expand_as(x), exact)
 
-    obj = build_objective("residual-nabla-db", no_flow=True, gamma="one")
+    obj = build_objective("residual-nabla-db", no_flow=True, gamma="one", forward_at=forward_at)
     assert obj.trainable_modules() == {} and obj.reverse_loss_weight == 0
     traj = sample(exact_tilted_policy(sched, BETA), reward_fn=lambda x: (x @ A).float())
     batch = obj.select_transitions(traj, torch.Generator().manual_seed(0))
@@ -220,7 +222,9 @@ def test_residual_nabla_db_no_flow_vanishes_when_lookahead_is_exact():
     assert out.residual.abs().max() < 1e-8
     # cached gradients give the same answer without calling the lookahead
     la = FnLookahead(grad=grad)
-    cached = batch.with_fields(lookahead_grad_next=grad(batch.x_next, sched.at_steps(batch.step)[1], batch.is_last))
+    t, t_next = sched.at_steps(batch.step)[:2]
+    cached = batch.with_fields(lookahead_grad_next=grad(batch.x_next, t_next, batch.is_last),
+                               lookahead_grad_t=grad(batch.x_t, t, torch.zeros_like(batch.is_last)))
     out_c = obj(cached, exact_tilted_policy(sched, BETA), None, beta=BETA)
     assert la.calls == 0 and torch.allclose(out_c.residual, out.residual, atol=1e-12)
 

@@ -151,7 +151,10 @@ def test_trust_region_is_zero_on_policy_and_positive_after_an_update(name):
 @pytest.mark.parametrize("name,kw", [("dag-db", {"eta": 0.0}), ("dag-db", {"log_prob_reduction": "avg"}),
                                      ("residual-nabla-db", {"gamma": "squared"}), ("ddpo", {"clip_range": 0}),
                                      ("reward-backprop", {"variant": "alignprop"}), ("nabla-db", {"fraction": 1.5}),
-                                     ("residual-nabla-db", {"pretrained_strength": 0.0}), ("dag-kl", {"trust_region": -1})])
+                                     ("residual-nabla-db", {"pretrained_strength": 0.0}), ("dag-kl", {"trust_region": -1}),
+                                     ("residual-nabla-db", {"reverse_estimator": "bootstrap"}),
+                                     ("residual-nabla-db", {"forward_at": "current"}),
+                                     ("residual-nabla-db", {"head_target": "policy"})])
 def test_bad_options_raise_naming_the_field(name, kw):
     field = next(iter(kw))
     with pytest.raises(ValueError, match=field):
@@ -266,3 +269,83 @@ def test_target_flow_network_is_a_polyak_copy_that_is_saved_but_never_trained():
     assert float(a.loss.detach()) == pytest.approx(float(b.loss.detach()), rel=1e-12)
     with pytest.raises(ValueError, match="target_ema"):
         build_objective("dag-db", state_shape=(2,), flow_gradient="target", target_ema=0.0)
+
+
+def test_expected_reverse_score_is_the_reference_jacobian_times_the_mean_shift():
+    from gfnalign.core.kernels import GaussianKernel
+    from gfnalign.objectives.score_balance import expected_reverse_score, reverse_score
+
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(3, 3, dtype=DT, generator=gen)
+
+    def mean_fn(x):  # a nonlinear "reference mean" so that J varies with x
+        return torch.tanh(x @ W) + 0.5 * x
+
+    x = torch.randn(4, 3, dtype=DT, generator=gen)
+    std = torch.full((4, 1), 0.3, dtype=DT)
+    target = torch.randn(4, 3, dtype=DT, generator=gen)
+    x_req = x.clone().requires_grad_(True)
+    got = expected_reverse_score(GaussianKernel(mean_fn(x_req), std), target, x_req)
+    for i in range(4):
+        J = torch.autograd.functional.jacobian(mean_fn, x[i : i + 1])[0, :, 0, :]  # [out, in]
+        want = J.T @ (target[i] - mean_fn(x[i : i + 1])[0]) / 0.3**2
+        assert torch.allclose(got[i], want, atol=1e-12)
+    # the sampled reverse score is linear in x_next, so its mean over x_next ~ N(target, σ²) is its value at target
+    x_req2 = x.clone().requires_grad_(True)
+    sampled = reverse_score(GaussianKernel(mean_fn(x_req2), std), target, x_req2, create_graph=False)
+    assert torch.allclose(got, sampled, atol=1e-12)
+
+
+def test_residual_head_target_reverse_keeps_the_forward_loss_off_the_head():
+    pol, traj = world()
+    grads, state = {}, None
+    for target in ("both", "reverse"):
+        obj = build_objective("residual-nabla-db", state_shape=(2,), head_zero_init=False, reverse_loss_weight=0.0,
+                              terminal_loss_weight=0.0, head_target=target, fraction=1.0).double()
+        if state is None:
+            state = obj.state_dict()
+        obj.load_state_dict(state)  # the same head for both
+        out, _ = run(obj, pol, traj)
+        grads[target] = ([p.grad.clone() for p in policy_params(pol)], gsum(obj.parameters()))
+        assert set(out.metrics) >= {"loss/fwd"}
+    # same policy gradient, and with "reverse" the head gets nothing from the forward loss
+    assert all(torch.allclose(a, b, rtol=1e-12) for a, b in zip(grads["both"][0], grads["reverse"][0], strict=True))
+    assert grads["both"][1] > 0 and grads["reverse"][1] == 0
+
+
+@pytest.mark.parametrize("estimator", ["expected", "bootstrap"])
+def test_residual_closed_form_reverse_trains_the_head_only(estimator):
+    pol, traj = world()
+    obj = build_objective("residual-nabla-db", state_shape=(2,), head_zero_init=False, head_target="reverse",
+                          reverse_estimator=estimator, terminal_loss_weight=0.0).double()
+    out, _ = run(obj, pol, traj)
+    assert out.metrics["loss/rev"] > 0 and gsum(obj.parameters()) > 0
+    assert pol.ref_gain.grad is None or float(pol.ref_gain.grad.abs()) == 0
+    # the policy's gradient is the forward loss's alone
+    g_pol = [p.grad.clone() for p in policy_params(pol)]
+    fwd_only = build_objective("residual-nabla-db", state_shape=(2,), head_zero_init=False, head_target="reverse",
+                               reverse_loss_weight=0.0, terminal_loss_weight=0.0).double()
+    fwd_only.load_state_dict(obj.state_dict())
+    run(fwd_only, pol, traj)
+    assert all(torch.allclose(a, p.grad, rtol=1e-12) for a, p in zip(g_pol, policy_params(pol), strict=True))
+
+
+def test_residual_forward_at_current_is_an_eps_regression_on_the_flow_score_at_x_t():
+    pol, traj = world()
+    obj = build_objective("residual-nabla-db", no_flow=True, gamma="one", forward_at="current").double()
+    la = lookahead()
+    traj = obj.prepare(traj)
+    batch = obj.select_transitions(traj, torch.Generator().manual_seed(0))
+    out = obj(batch, pol, la, beta=BETA)
+    # by hand: r = (C_t/σ_t²)·(ε_θ − ε_# + √(1−ᾱ_t)·β·∇r(x̂0(x_t))), C_t = ∂μ/∂ε
+    from gfnalign.core.kernels import forward_kernel, forward_std
+
+    t, _, a, an = pol.schedule.at_steps(batch.step, dtype=DT)
+    a, an = a[:, None], an[:, None]
+    std = forward_std(a, an, 1.0)
+    c = forward_kernel(torch.zeros_like(batch.x_t), torch.ones_like(batch.x_t), a, an, 1.0).mean
+    psi = BETA * la.grad(batch.x_t, t, torch.zeros_like(batch.is_last))
+    with torch.no_grad():
+        e_pol, e_ref = pol.eps(batch.x_t, t, None), pol.eps(batch.x_t, t, None, reference=True)
+    r = c / std**2 * (e_pol - e_ref + (1 - a).sqrt() * psi)
+    assert out.metrics["loss/fwd"] == pytest.approx(float((r**2).mean()), rel=1e-9)
