@@ -75,16 +75,16 @@ Findings (seed 0, 2026-11-24):
   updates since 2026-11-24. With the papers' full flow gradient they over-tilted grid9 (TV 0.107 / 0.111),
   and the learned flow drifts away even when started at the exact solution (see "DAG-DB flow gradient").
 * Energy distance: dag-db and dag-kl are at the oracle's level on ring4 (0.0015 and 0.0018 against 0.0019)
-  and at 3.2× / 2.9× the oracle on grid9. residual-nabla-db is at 4.0× the oracle on both 2-D cases: its
-  `no_flow` guess β∇r(x̂0(x)) leaves out the between-mode cumulant of log E[exp(βr(x0)) | x_t], so it
-  under-tilts a little (0.61 against 0.64 on ring4's top mode). Side runs (`--set updates=2400`, 112 s of
-  training): ring4 improves to TV 0.024 / ED 0.0053 (2.8× the oracle), with lr 5e-3 0.023 / 0.0052, with
-  lr 1e-3 0.031 / 0.0075. grid9 gets worse, to 0.046 / 0.0154 (reward −0.56 against −0.67): its guess
-  over-tilts the quadratic reward, so the defaults stay at 1200 updates. The learned flow-score head
-  (`objective.no_flow=false`) is far worse: TV 0.17 with head_lr 1e-4, 0.29 with 3e-4 (ring4). It first cancels
-  the guess. x̂0 from the current policy (`lookahead_model=policy`) diverges (TV 0.86 / 0.72). Against the contract floor (the untilted
-  sampler) every ratio is 2–5× larger. Even the oracle itself sits at 1.7–2.4× that floor here, and at
-  2.5–5× over three evaluation seeds.
+  and at 3.2× / 2.9× the oracle on grid9. residual-nabla-db (since 2026-11-24, third session: a learned
+  flow-score head decoupled from the policy, `head_target: reverse`, `reverse_estimator: bootstrap`,
+  `forward_at: current`) is at 1.2× the oracle on ring4 and 1.9× on grid9, with TV 0.015 / 0.017, about the
+  oracle's own. Its previous default, the `no_flow` guess alone, was at 4.0× with TV 0.031 / 0.037. The
+  paper's coupling of head and policy is far worse (TV 0.17–0.29). See "Residual ∇-DB: decoupling the head"
+  for the variants, the training-seed spread (ring4 seed 1: TV 0.038, 2.7× the oracle) and the medians over
+  evaluation seeds. Against the contract floor (the untilted sampler) every ratio is 1.7–2.4× larger,
+  because the oracle itself sits at 1.7–2.4× that floor here (2.5–5× over three evaluation seeds).
+* The rows of methods other than residual-nabla-db were reused (`--reuse`) from the run of 2026-11-24's
+  second session; their code has not changed since.
 * nabla-db over-tilts grid9 (reward −0.48 against −0.67) and under-tilts ring4 a little, within its TV
   target.
 * d8-linear: every GFlowNet under-tilts within the two-minute budget (TV 0.06–0.09): the 8-D case needs

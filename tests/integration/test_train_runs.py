@@ -39,6 +39,19 @@ def test_each_method_trains_and_exports(method, pipeline, tmp_path):
     assert TrainConfig.load(run / "config.yaml") == cfg
 
 
+def test_residual_with_decoupled_head_trains_through_the_trainer(pipeline, tmp_path):
+    options = {"head_target": "reverse", "reverse_estimator": "bootstrap", "forward_at": "current", "fraction": 0.5}
+    cfg = TrainConfig.from_dict(tiny_config(pipeline, "residual-nabla-db", options,
+                                            training={"epochs": 1, "micro_batch": 2, "max_updates_per_epoch": 2}))
+    run = tmp_path / "run"
+    assert Trainer(cfg, run).train() == 0
+    rows = [r for r in metrics_rows(run, drop_perf=False) if "loss/rev" in r]
+    assert rows, "no training row logged the reverse (head) loss"
+    for key in ("loss/fwd", "loss/rev", "loss/terminal"):
+        assert math.isfinite(rows[-1][key]), key
+    assert rows[-1]["loss/rev"] > 0  # the head's bootstrap target J_#ᵀψ(x_next) is not zero
+
+
 def _resume_cfg(pipeline: Path, flow_gradient: str = "full") -> TrainConfig:
     return TrainConfig.from_dict(tiny_config(
         pipeline, "dag-db", {"fraction": 0.5, "flow_gradient": flow_gradient},
