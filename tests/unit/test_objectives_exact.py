@@ -202,6 +202,10 @@ def test_residual_nabla_db_vanishes_at_exact_tilt(forward_looking, gamma, reduct
     with torch.no_grad():
         bad.shift.add_(0.3)
     assert obj(batch, bad, la, beta=BETA * scale).residual.mean() > 1e-2
+    # a wrong head (exact policy) is rejected too: by the reverse condition, and through ψ(x_t) or ψ(x_next)
+    with torch.no_grad():
+        head.dummy.fill_(0.3)
+    assert obj(batch, exact_tilted_policy(sched, BETA), la, beta=BETA * scale).residual.mean() > 1e-2
 
 
 @pytest.mark.parametrize("forward_at", ["next", "current"])

@@ -154,7 +154,10 @@ def test_trust_region_is_zero_on_policy_and_positive_after_an_update(name):
                                      ("residual-nabla-db", {"pretrained_strength": 0.0}), ("dag-kl", {"trust_region": -1}),
                                      ("residual-nabla-db", {"reverse_estimator": "bootstrap"}),
                                      ("residual-nabla-db", {"forward_at": "current"}),
-                                     ("residual-nabla-db", {"head_target": "policy"})])
+                                     ("residual-nabla-db", {"head_target": "policy"}),
+                                     ("residual-nabla-db", {"head_target": "reverse", "reverse_loss_weight": 0.0}),
+                                     ("residual-nabla-db", {"forward_at": "current", "no_flow": True,
+                                                            "forward_looking": False})])
 def test_bad_options_raise_naming_the_field(name, kw):
     field = next(iter(kw))
     with pytest.raises(ValueError, match=field):
@@ -297,20 +300,27 @@ def test_expected_reverse_score_is_the_reference_jacobian_times_the_mean_shift()
 
 
 def test_residual_head_target_reverse_keeps_the_forward_loss_off_the_head():
+    # L = L_fwd + w·L_rev (terminal off), so ∂L_fwd/∂φ = 2·G(w=1) − G(w=2) for the head gradient G
     pol, traj = world()
-    grads, state = {}, None
+    state, fwd_head_grad, pol_grads = None, {}, {}
     for target in ("both", "reverse"):
-        obj = build_objective("residual-nabla-db", state_shape=(2,), head_zero_init=False, reverse_loss_weight=0.0,
-                              terminal_loss_weight=0.0, head_target=target, fraction=1.0).double()
-        if state is None:
-            state = obj.state_dict()
-        obj.load_state_dict(state)  # the same head for both
-        out, _ = run(obj, pol, traj)
-        grads[target] = ([p.grad.clone() for p in policy_params(pol)], gsum(obj.parameters()))
-        assert set(out.metrics) >= {"loss/fwd"}
-    # same policy gradient, and with "reverse" the head gets nothing from the forward loss
-    assert all(torch.allclose(a, b, rtol=1e-12) for a, b in zip(grads["both"][0], grads["reverse"][0], strict=True))
-    assert grads["both"][1] > 0 and grads["reverse"][1] == 0
+        grads = []
+        for w in (1.0, 2.0):
+            obj = build_objective("residual-nabla-db", state_shape=(2,), head_zero_init=False, reverse_loss_weight=w,
+                                  terminal_loss_weight=0.0, head_target=target, fraction=1.0).double()
+            if state is None:
+                state = obj.state_dict()
+            obj.load_state_dict(state)  # the same head everywhere
+            out, _ = run(obj, pol, traj)
+            assert out.metrics["loss/fwd"] > 0 and out.metrics["loss/rev"] > 0
+            grads.append([p.grad.clone() for p in obj.parameters()])
+            pol_grads[target, w] = [p.grad.clone() for p in policy_params(pol)]
+        fwd_head_grad[target] = sum(float((2 * a - b).abs().sum()) for a, b in zip(*grads, strict=True))
+    assert fwd_head_grad["both"] > 1e-6 and fwd_head_grad["reverse"] < 1e-12
+    # the policy's gradient is the forward loss's in every case
+    ref = pol_grads["both", 1.0]
+    for key, g in pol_grads.items():
+        assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-14) for a, b in zip(ref, g, strict=True)), key
 
 
 @pytest.mark.parametrize("estimator", ["expected", "bootstrap"])
@@ -321,10 +331,11 @@ def test_residual_closed_form_reverse_trains_the_head_only(estimator):
     out, _ = run(obj, pol, traj)
     assert out.metrics["loss/rev"] > 0 and gsum(obj.parameters()) > 0
     assert pol.ref_gain.grad is None or float(pol.ref_gain.grad.abs()) == 0
-    # the policy's gradient is the forward loss's alone
+    # the policy's gradient is the forward loss's alone: the same as with the paper's sampled reverse loss,
+    # which does not train the policy either (reverse_trains_policy=False)
     g_pol = [p.grad.clone() for p in policy_params(pol)]
-    fwd_only = build_objective("residual-nabla-db", state_shape=(2,), head_zero_init=False, head_target="reverse",
-                               reverse_loss_weight=0.0, terminal_loss_weight=0.0).double()
+    fwd_only = build_objective("residual-nabla-db", state_shape=(2,), head_zero_init=False,
+                               terminal_loss_weight=0.0).double()
     fwd_only.load_state_dict(obj.state_dict())
     run(fwd_only, pol, traj)
     assert all(torch.allclose(a, p.grad, rtol=1e-12) for a, p in zip(g_pol, policy_params(pol), strict=True))
@@ -349,3 +360,34 @@ def test_residual_forward_at_current_is_an_eps_regression_on_the_flow_score_at_x
         e_pol, e_ref = pol.eps(batch.x_t, t, None), pol.eps(batch.x_t, t, None, reference=True)
     r = c / std**2 * (e_pol - e_ref + (1 - a).sqrt() * psi)
     assert out.metrics["loss/fwd"] == pytest.approx(float((r**2).mean()), rel=1e-9)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_residual_bootstrap_target_is_the_reference_jacobian_times_the_next_flow_score(strength, reduction):
+    # r_rev = ψ(x_t) − J_#(x_t)ᵀ ψ(x_next), whatever pretrained_strength and the reduction (no s, no scale)
+    pol, traj = world()
+    obj = build_objective("residual-nabla-db", state_shape=(2,), head_zero_init=False, head_target="reverse",
+                          reverse_estimator="bootstrap", terminal_loss_weight=0.0, fraction=1.0,
+                          pretrained_strength=strength, log_prob_reduction=reduction, gamma="one").double()
+    la = lookahead()
+    traj = obj.prepare(traj)
+    batch = obj.select_transitions(traj, torch.Generator().manual_seed(0))
+    out = obj(batch, pol, la, beta=BETA)
+    from gfnalign.core.kernels import forward_kernel
+
+    t, t_next, a, an = pol.schedule.at_steps(batch.step, dtype=DT)
+    last = batch.is_last
+    with torch.no_grad():
+        psi_t = BETA * la.grad(batch.x_t, t, torch.zeros_like(last)) + obj.flow_score_head(batch.x_t, t, None)
+        head_next = obj.flow_score_head(batch.x_next, t_next, None)
+        psi_next = BETA * la.grad(batch.x_next, t_next, last) + torch.where(last[:, None], 0 * head_next, head_next)
+    rows = []
+    for i in range(len(batch)):
+        def ref_mean(x, i=i):
+            e = pol.eps(x, t[i : i + 1], None, reference=True)
+            return forward_kernel(x, e, a[i : i + 1, None], an[i : i + 1, None], 1.0).mean
+        J = torch.autograd.functional.jacobian(ref_mean, batch.x_t[i : i + 1])[0, :, 0, :]
+        rows.append(psi_t[i] - J.T @ psi_next[i])
+    r = torch.stack(rows)
+    assert out.metrics["loss/rev"] == pytest.approx(float((r**2).mean()), rel=1e-9)

@@ -12,7 +12,7 @@ from gfnalign.core.parametrization import _bcast
 from gfnalign.core.protocols import Lookahead, PolicyModel
 from gfnalign.objectives.base import LossOutput, register
 from gfnalign.objectives.common import approx_kl, check_choice, check_nonneg, mean_dims
-from gfnalign.objectives.score_balance import ScoreBalanceObjective, expected_reverse_score
+from gfnalign.objectives.score_balance import ScoreBalanceObjective, mean_vjp
 
 #: which conditions train the flow-score head g_phi (see the class docstring)
 HEAD_TARGETS = ("both", "reverse")
@@ -144,15 +144,25 @@ class ResidualNablaDB(ScoreBalanceObjective):
         self.terminal_loss_weight = check_nonneg("terminal_loss_weight", terminal_loss_weight)
         check_choice("head_target", head_target, HEAD_TARGETS)
         check_choice("reverse_estimator", reverse_estimator, REVERSE_ESTIMATORS)
-        if reverse_estimator != "sampled" and (head_target != "reverse" or self.reverse_trains_policy):
-            raise ValueError(
-                "reverse_estimator='expected' regresses the head onto the reverse condition's mean, which has "
-                "no policy gradient: set head_target='reverse' and reverse_trains_policy=False with it"
-            )
         check_choice("forward_at", forward_at, FORWARD_AT)
-        if forward_at == "current" and not self_no_flow and head_target != "reverse":
-            raise ValueError("forward_at='current' fits the policy to the head at x_t; set head_target='reverse' "
-                             "with it so that the head does not also follow the policy")
+        if not self_no_flow:  # the head options; with no_flow there is no head and they do not apply
+            if reverse_estimator != "sampled" and (head_target != "reverse" or self.reverse_trains_policy):
+                raise ValueError(
+                    f"reverse_estimator={reverse_estimator!r} trains only the head (its target has no policy "
+                    f"gradient), so the head must not also fit the forward condition: set head_target='reverse' "
+                    f"(got {head_target!r}) and reverse_trains_policy=False (got {self.reverse_trains_policy})"
+                )
+            if forward_at == "current" and head_target != "reverse":
+                raise ValueError(f"forward_at='current' fits the policy to the head at x_t; set "
+                                 f"head_target='reverse' (got {head_target!r}) so that the head does not also "
+                                 f"follow the policy")
+            if head_target == "reverse" and not self.uses_reverse:
+                raise ValueError(f"head_target='reverse' trains the head only through the reverse condition, but "
+                                 f"reverse_loss_weight={reverse_loss_weight}: set it > 0, or use no_flow=True "
+                                 f"for the forward-looking guess alone")
+        elif forward_at == "current" and not self.forward_looking:
+            raise ValueError("forward_at='current' with no_flow=True and forward_looking=False has ψ = 0 at every "
+                             "non-terminal state (no reward signal): set forward_looking=True or no_flow=False")
         self.head_target = head_target
         self.reverse_estimator = reverse_estimator
         self.forward_at = forward_at
@@ -167,24 +177,31 @@ class ResidualNablaDB(ScoreBalanceObjective):
         scale = self.reduction_scale(x_t)
         s = self.pretrained_strength
 
-        expected = self.uses_reverse and self.reverse_estimator in ("expected", "bootstrap")
-        if expected:
+        current = self.forward_at == "current"
+        closed_form = self.uses_reverse and self.reverse_estimator != "sampled"
+        bootstrap = closed_form and self.reverse_estimator == "bootstrap"
+        if closed_form:  # no policy reverse score; the reference's VJP comes after ψ (peak memory)
             eps, kernel = self.policy_kernel(policy, batch)
             fwd, rev = kernel.score(x_next), None
-            x_req = x_t.detach().requires_grad_(True)
-            _, kernel_ref = self.policy_kernel(policy, batch, reference=True, x_t=x_req)
-            fwd_ref = kernel_ref.score(x_next).detach()
-            rev_ref = None
-            if self.reverse_estimator == "expected":
-                rev_ref = expected_reverse_score(kernel_ref, kernel.mean.detach(), x_req)
         else:
             eps, kernel, fwd, rev = self.policy_scores(policy, batch, reference=False)
             _, _, fwd_ref, rev_ref = self.policy_scores(policy, batch, reference=True)
 
+        # ψ(x_next) is read by the paper's forward condition and by the bootstrap target; ψ(x_t) by the
+        # reverse condition and by forward_at="current"
         final_head = self.flow_score_head is not None and self.terminal_loss_weight > 0 and bool(last.any())
-        current = self.forward_at == "current"
         psi_next, psi_t, g_final = self.flow_scores(batch, lookahead, beta, t, t_next, a, an,
-                                                    at_t=self.uses_reverse or current, final_head=final_head)
+                                                    at_t=self.uses_reverse or current, final_head=final_head,
+                                                    at_next=not current or bootstrap)
+        if closed_form:
+            x_req = x_t.detach().requires_grad_(True)
+            _, kernel_ref = self.policy_kernel(policy, batch, reference=True, x_t=x_req)
+            fwd_ref = kernel_ref.score(x_next).detach()
+            if bootstrap:  # E_{P*}[s_#^←] = J_#ᵀ(m* − μ_#)/σ² with m* − μ_# = σ²·E[ψ(x_next)]/(s·scale)
+                rev_target = mean_vjp(kernel_ref, psi_next / (s * scale), x_req)
+            else:  # E_{P_F^θ}[s_#^←] = J_#ᵀ(μ_θ − μ_#)/σ²
+                rev_target = mean_vjp(kernel_ref, (kernel.mean - kernel_ref.mean) / kernel_ref.std**2, x_req)
+
         if current:
             # the policy's ε target ε_# − √(1−ᾱ_t)·ψ(x_t) moves the kernel mean by −C_t·√(1−ᾱ_t)·ψ(x_t)
             # (C_t = ∂μ/∂ε), i.e. its forward score by k_t·ψ(x_t) with k_t = −C_t·√(1−ᾱ_t)/σ_t²
@@ -202,15 +219,12 @@ class ResidualNablaDB(ScoreBalanceObjective):
         per = l_fwd
         residual = l_fwd.detach()
 
-        if expected and rev_ref is None:  # bootstrap: J_#ᵀ ψ(x_next), x_next ~ P_F^θ
-            rev_ref = expected_reverse_score(kernel_ref, kernel_ref.mean.detach() + kernel_ref.std.detach() ** 2
-                                             * psi_next.detach() / scale, x_req)
         if self.uses_reverse:
-            assert rev_ref is not None and psi_t is not None
-            if expected:  # E[s_θ^←] = 0; rev_ref is E[s_#^←] under the current policy
-                r_rev = psi_t - s * scale * rev_ref
+            assert psi_t is not None
+            if closed_form:  # E[s_θ^←] = 0, so the reverse residual's mean is ψ(x_t) − s·scale·E[s_#^←]
+                r_rev = psi_t - s * scale * rev_target
             else:
-                assert rev is not None
+                assert rev is not None and rev_ref is not None
                 r_rev = scale * rev - (s * scale * rev_ref - psi_t)
             l_rev = mean_dims(r_rev**2)
             terms["rev"] = l_rev

@@ -72,15 +72,19 @@ def reverse_score(kernel: GaussianKernel, x_next: torch.Tensor, x_t: torch.Tenso
     return grad
 
 
+def mean_vjp(kernel: GaussianKernel, vector: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """J_μ(x_t)ᵀ · vector, J_μ = ∂μ/∂x_t of a kernel built with a graph from ``x_t``: one vector-Jacobian
+    product through the network (its graph is freed), detached."""
+    (grad,) = torch.autograd.grad((kernel.mean * vector.detach()).sum(), x_t, retain_graph=False)
+    return grad.detach()
+
+
 def expected_reverse_score(kernel: GaussianKernel, target_mean: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
     """E_{x_next ~ N(target_mean, σ²)}[∇_{x_t} log P(x_next | x_t)] = J_μ(x_t)ᵀ (target_mean − μ(x_t)) / σ².
 
-    ``kernel`` = N(μ(x_t), σ²) built with a graph from ``x_t`` (σ must not depend on x_t, as in DDPM/DDIM);
-    one vector-Jacobian product through the network, detached.
+    ``kernel`` = N(μ(x_t), σ²) built with a graph from ``x_t`` (σ must not depend on x_t, as in DDPM/DDIM).
     """
-    weight = ((target_mean - kernel.mean) / kernel.std**2).detach()
-    (grad,) = torch.autograd.grad((kernel.mean * weight).sum(), x_t, retain_graph=False)
-    return grad.detach()
+    return mean_vjp(kernel, (target_mean - kernel.mean) / kernel.std**2, x_t)
 
 
 class ScoreBalanceObjective(TransitionObjective):
@@ -131,13 +135,15 @@ class ScoreBalanceObjective(TransitionObjective):
     def flow_scores(
         self, batch: TransitionBatch, lookahead: Lookahead | None, beta: float, t: torch.Tensor,
         t_next: torch.Tensor, a: torch.Tensor, an: torch.Tensor, *, at_t: bool, final_head: bool,
+        at_next: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``(ψ(x_next), ψ(x_t) or None, g_phi(x_final) or None)``, each like x.
 
         ψ(x, t) = g_phi(x, t, c) + beta·γ(ᾱ_t)·∇r(x̂0(x)) (the second term with ``forward_looking``);
         on terminal rows ψ(x_next) = beta·∇r(x_final) (γ = 1, no g_phi). ``g_phi(x_final)`` (terminal rows,
         zeros elsewhere) is returned when ``final_head`` for the terminal loss. The head runs once over all
-        the states it is needed at, and so does the Lookahead.
+        the states it is needed at, and so does the Lookahead. ``at_next=False``: ψ(x_next) is not needed
+        at non-terminal rows (returned as zeros there), which saves the head and the Lookahead on them.
         """
         x_t, x_next, cond, last = batch.x_t, batch.x_next, batch.cond, batch.is_last
         ones, zeros = torch.ones_like(last), torch.zeros_like(last)
@@ -146,7 +152,7 @@ class ScoreBalanceObjective(TransitionObjective):
             return w.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
         # reward-gradient terms (raw ∇r from the cache or one Lookahead call)
-        rows_next = ones if self.forward_looking else last
+        rows_next = ones if (self.forward_looking and at_next) else last
         rows_t = ones if (self.forward_looking and at_t) else zeros
         grad_t, grad_next = lookahead_pair(
             "grad", lookahead, batch.lookahead_grad_t, batch.lookahead_grad_next,
@@ -157,7 +163,7 @@ class ScoreBalanceObjective(TransitionObjective):
         psi_t = beta * bcast(gamma_weight(self.gamma, a), x_t) * grad_t if at_t else None
         g_final = None
         if self.flow_score_head is not None:
-            head_next = ~last | last if final_head else ~last
+            head_next = (~last if at_next else zeros) | (last if final_head else zeros)
             g_next, g_t = apply_two(self.flow_score_head, x_next, t_next, head_next, x_t, t, ones if at_t else zeros,
                                     cond, x_next, x_t)
             m = last.reshape(-1, *([1] * (x_next.dim() - 1)))
