@@ -52,9 +52,14 @@ class ResidualNablaDB(ScoreBalanceObjective):
     s_θ^→ (closed form in ε_θ)      yes                                 --
     s_#^→, s_#^← (reference)        no                                  --
     s_θ^← (autograd w.r.t. x_t)     only with reverse_trains_policy     --
+                                    (not computed by expected /
+                                    bootstrap)
+    J_#ᵀ·v (expected / bootstrap)   no                                  no
     g_phi(x_next), g_phi(x_t)       --                                  yes (x_next: not
                                                                         with head_target
                                                                         ="reverse")
+    ψ(x_t) in the forward residual  no                                  no
+    (forward_at="current")
     beta·γ·∇r(x̂0) (lookahead)       no                                  no
     terminal g_phi loss             --                                  yes
     trust region                    yes                                 --
@@ -68,7 +73,7 @@ class ResidualNablaDB(ScoreBalanceObjective):
     ``no_flow=True`` drops g_phi, the reverse and the terminal losses (forward loss with the
     forward-looking guess only). Defaults: fraction 0.1 with stratified trunks (the authors').
 
-    Two options (not in the paper; the defaults are the authors') decouple the head from the policy:
+    Three options (not in the paper; the defaults are the authors') decouple the head from the policy:
 
     ``head_target`` (``"both"`` | ``"reverse"``). With ``"both"`` g_phi(x_next) also regresses onto the
     policy's forward residual Δ_θ(x_t) = s_θ^→ − s·s_#^→, a *loop*: the head at t+1 follows the policy at
@@ -79,7 +84,7 @@ class ResidualNablaDB(ScoreBalanceObjective):
     ones. The dependencies become a chain with no loop: ψ(x_final) = β∇r → policy at the last step →
     ψ at its x_t (reverse) → policy one step earlier → ... The zero-loss solution is the same.
 
-    ``reverse_estimator`` (``"sampled"`` | ``"expected"``). Given x_t, the reverse residual's mean over
+    ``reverse_estimator`` (``"sampled"`` | ``"expected"`` | ``"bootstrap"``). Given x_t, the reverse residual's mean over
     x_next ~ P_F^θ(·|x_t) is known in closed form: E[s_θ^←] = 0 (score identity) and
     E[s_#^←] = J_#(x_t)ᵀ (μ_θ(x_t) − μ_#(x_t)) / σ_t², with J_# = ∂μ_#/∂x_t. ``"expected"`` regresses
     ψ(x_t) onto s·J_#ᵀ(μ_θ − μ_#)/σ_t² (θ detached; one vector-Jacobian product through the reference,
@@ -89,11 +94,13 @@ class ResidualNablaDB(ScoreBalanceObjective):
     learns only through the reverse condition, so ``"expected"`` needs ``head_target="reverse"`` and
     ``reverse_trains_policy=False``. ``"bootstrap"`` uses the same identity one step further:
     m*(x_t) − μ_#(x_t) = σ_t²·E_{P*}[ψ(x_next)] (Stein's lemma for the tilted Gaussian), so ψ(x_t) is
-    regressed onto s·J_#(x_t)ᵀ ψ(x_next) with x_next the sampled next state and ψ(x_next) detached
-    (β∇r at the final state). Its target does not involve the policy at all: the head learns the flow
-    score of the pretrained chain by temporal differences, anchored at the terminal reward gradient, and
-    starts from the forward-looking guess instead of being pulled towards −guess. Exact at the fixed point
-    (x_next ~ P* there); one VJP through the reference, no policy reverse score.
+    regressed onto J_#(x_t)ᵀ ψ(x_next) with x_next the sampled next state and ψ(x_next) detached
+    (β∇r at the final state); with s < 1 the reference kernel counts as N(μ_#, σ_t²/s) and the s cancels.
+    Its target does not involve the policy: the head learns the flow score of the pretrained chain by
+    temporal differences, anchored at the terminal reward gradient, and starts from the forward-looking
+    guess instead of being pulled towards −guess. The identity takes x_next from the balanced kernel P*;
+    the sampled x_next come from the Gaussian policy, which equals P* only where log F~ is linear, so the
+    target is exact to first order in the step. One VJP through the reference, no policy reverse score.
 
     ``forward_at`` (``"next"`` | ``"current"``). ``"next"`` is the paper's forward condition: the policy's
     mean shift (μ_θ − μ_#)/σ_t² regresses onto ψ(x_next). Its zero-loss Gaussian kernel has the mean of the
@@ -104,9 +111,11 @@ class ResidualNablaDB(ScoreBalanceObjective):
     ε_θ(x_t) = ε_#(x_t) − √(1−ᾱ_t)·ψ(x_t) (the h-transform of the pretrained model: p_t·F~_t has score
     ∇log p_t + ψ), written as a forward-score residual (C_t/σ_t²)·(ε_θ − ε_# + √(1−ᾱ_t)ψ(x_t)) with
     C_t = ∂μ/∂ε. With the exact ψ this policy *is* the exact-ε sampler of the tilted target (the toy's
-    oracle). The residual no longer depends on x_next (no sampling noise), ψ(x_t) is detached, and
-    ``pretrained_strength`` still scales the reference's forward score. It needs ``head_target="reverse"``
-    (or ``no_flow``) so that the head does not follow the policy.
+    oracle). At s = 1 the residual no longer depends on x_next (no sampling noise); ψ(x_t) is detached.
+    ``pretrained_strength`` still scales the reference's forward score, so with s < 1 an x_next term
+    (s − 1)(x_next − ·)/σ_t² stays in the residual and the least-squares target becomes ε_# − √(1−ᾱ_t)ψ/s.
+    It needs ``head_target="reverse"`` (or ``no_flow``) so that the head does not follow the policy; then
+    ψ(x_next) is computed only where the bootstrap or the terminal loss reads it.
 
     The toy defaults use ``head_target="reverse"``, ``reverse_estimator="bootstrap"``,
     ``forward_at="current"`` (BENCHMARKS.md "Residual ∇-DB: decoupling the head"); the SD and digits
