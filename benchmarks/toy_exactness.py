@@ -77,17 +77,17 @@ Findings (seed 0, 2026-11-24):
 * Energy distance: dag-db and dag-kl are at the oracle's level on ring4 (0.0015 and 0.0018 against 0.0019)
   and at 3.2× / 2.9× the oracle on grid9. residual-nabla-db (since 2026-11-24, third session: a learned
   flow-score head decoupled from the policy, `head_target: reverse`, `reverse_estimator: bootstrap`,
-  `forward_at: current`) is at 1.2× the oracle on ring4 and 1.9× on grid9, with TV 0.015 / 0.017, about the
+  `forward_at: current`) is at 1.5× the oracle on ring4 and 2.0× on grid9, with TV 0.013 / 0.012, below the
   oracle's own. Its previous default, the `no_flow` guess alone, was at 4.0× with TV 0.031 / 0.037. The
   paper's coupling of head and policy is far worse (TV 0.17–0.29). See "Residual ∇-DB: decoupling the head"
-  for the variants, the training-seed spread (ring4 seed 1: TV 0.038, 2.7× the oracle) and the medians over
+  for the variants, the training-seed spread (medians 1.5–3.6× the oracle, TV 0.013–0.037) and the medians over
   evaluation seeds. Against the contract floor (the untilted sampler) every ratio is 1.7–2.4× larger,
   because the oracle itself sits at 1.7–2.4× that floor here (2.5–5× over three evaluation seeds).
 * The rows of methods other than residual-nabla-db were reused (`--reuse`) from the run of 2026-11-24's
   second session; their code has not changed since.
 * nabla-db over-tilts grid9 (reward −0.48 against −0.67) and under-tilts ring4 a little, within its TV
   target.
-* d8-linear: every GFlowNet under-tilts within the two-minute budget (TV 0.06–0.09): the 8-D case needs
+* d8-linear: every GFlowNet under-tilts within the two-minute budget (TV 0.05–0.09): the 8-D case needs
   more updates.
 * ddpo and reward-backprop drift past the target's reward and collapse onto the best mode. The linear
   rewards are unbounded, so with more updates the drift grows without limit; reward-backprop on d8 reaches
