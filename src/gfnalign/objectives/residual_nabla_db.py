@@ -8,7 +8,6 @@ import torch
 
 from gfnalign.core.batches import TransitionBatch
 from gfnalign.core.kernels import forward_kernel
-from gfnalign.core.parametrization import _bcast
 from gfnalign.core.protocols import Lookahead, PolicyModel
 from gfnalign.objectives.base import LossOutput, register
 from gfnalign.objectives.common import approx_kl, check_choice, check_nonneg, mean_dims
@@ -215,9 +214,9 @@ class ResidualNablaDB(ScoreBalanceObjective):
             # the policy's ε target ε_# − √(1−ᾱ_t)·ψ(x_t) moves the kernel mean by −C_t·√(1−ᾱ_t)·ψ(x_t)
             # (C_t = ∂μ/∂ε), i.e. its forward score by k_t·ψ(x_t) with k_t = −C_t·√(1−ᾱ_t)/σ_t²
             assert psi_t is not None
-            ones = torch.ones_like(x_t[:1]).expand_as(x_t)
-            c_t = forward_kernel(torch.zeros_like(x_t), ones, a, an, self.eta).mean
-            k_t = -c_t * _bcast((1 - a).sqrt().to(x_t.dtype), x_t) / kernel.std.detach() ** 2
+            c_t = forward_kernel(torch.zeros_like(x_t), torch.ones_like(x_t), a, an, self.eta).mean
+            sqrt_1ma = (1 - a).sqrt().to(x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))
+            k_t = -c_t * sqrt_1ma / kernel.std.detach() ** 2
             psi_fwd = k_t * psi_t.detach()
         else:
             # forward residual at x_next; with head_target="reverse" it trains the policy only
