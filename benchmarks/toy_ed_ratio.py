@@ -33,7 +33,7 @@ def main() -> int:
     ap.add_argument("--case", default="ring4-linear", choices=list(CASES))
     ap.add_argument("--method", default="residual-nabla-db", choices=list(METHODS))
     ap.add_argument("--evals", type=int, default=5, help="evaluation seeds 0..N-1")
-    ap.add_argument("--samples", type=int, default=10_000)
+    ap.add_argument("--samples", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="toy training override")
     args = ap.parse_args()

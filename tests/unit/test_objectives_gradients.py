@@ -391,3 +391,67 @@ def test_residual_bootstrap_target_is_the_reference_jacobian_times_the_next_flow
         rows.append(psi_t[i] - J.T @ psi_next[i])
     r = torch.stack(rows)
     assert out.metrics["loss/rev"] == pytest.approx(float((r**2).mean()), rel=1e-9)
+
+
+def test_exponential_flow_loss_routes_gradients_and_keeps_the_policy_loss(monkeypatch):
+    """flow_loss="exponential": θ's gradient is that of δ² (unchanged); φ's is Σ 2(1 − e^{−δ})·∂f(x_t)/∂φ.
+
+    The point-mass world's residuals are ~1e4 nats, so their values are replaced by moderate ones c
+    (same graph, δ − δ.detach() + c) to test the exponential away from its clamp."""
+    from gfnalign.objectives.dag_db import DAGDB
+
+    original = DAGDB.delta
+    values = torch.linspace(-1.5, 1.5, 48, dtype=DT)
+
+    def moderate(self, *args):
+        delta, log_pf, eps, metrics = original(self, *args)
+        return delta - delta.detach() + values[: len(delta)], log_pf, eps, metrics
+
+    monkeypatch.setattr(DAGDB, "delta", moderate)
+    pol, traj = world()
+    torch.manual_seed(0)
+    sq = build_objective("dag-db", state_shape=(2,), flow_gradient="semi").double()
+    torch.manual_seed(0)
+    ex = build_objective("dag-db", state_shape=(2,), flow_gradient="semi", flow_loss="exponential").double()
+    with torch.no_grad():  # a non-zero head, the same in both
+        for p, q in zip(sq.log_flow_head.parameters(), ex.log_flow_head.parameters(), strict=True):
+            p.add_(0.1)
+            q.copy_(p)
+    run(sq, pol, traj)
+    policy_sq = [p.grad.clone() for p in policy_params(pol)]
+    out, batch = run(ex, pol, traj)
+    assert gsum(policy_params(pol)) > 0
+    for a, b in zip(policy_sq, [p.grad for p in policy_params(pol)], strict=True):
+        torch.testing.assert_close(a, b)
+    d = values[: len(batch)]
+    t, _, _, _ = pol.schedule.at_steps(batch.step, dtype=DT)
+    f_t = ex.log_flow_head(batch.x_t, t, None)
+    want = torch.autograd.grad((2 * (1 - torch.exp(-d)) * f_t).sum() / len(batch), list(ex.log_flow_head.parameters()),
+                               retain_graph=True)
+    squared = torch.autograd.grad((2 * d * f_t).sum() / len(batch), list(ex.log_flow_head.parameters()))
+    for got, w, q in zip([p.grad for p in ex.log_flow_head.parameters()], want, squared, strict=True):
+        torch.testing.assert_close(got, w)
+    assert any(float((w - q).abs().max()) > 1e-6 for w, q in zip(want, squared, strict=True))
+    assert "loss/flow_fit" in out.metrics
+    with pytest.raises(ValueError, match="flow_gradient"):
+        build_objective("dag-db", state_shape=(2,), flow_loss="exponential")  # the default "full"
+    with pytest.raises(ValueError, match="flow_loss"):
+        build_objective("dag-db", state_shape=(2,), flow_gradient="semi", flow_loss="huber")
+
+
+def test_exponential_flow_loss_fits_the_log_mean_exp_not_the_mean_log():
+    """With one state and many sampled residual targets ℓ, the squared loss's minimiser is mean(ℓ) and the
+    exponential loss's is log mean e^ℓ (the exact flow); float64, minimised in closed form by Newton."""
+    g = torch.Generator().manual_seed(3)
+    ell = torch.randn(20000, dtype=DT, generator=g) * 0.8 + 1.0  # log F(x_next) + log P_B − log P_F samples
+    f = torch.zeros((), dtype=DT, requires_grad=True)
+    for _ in range(30):
+        delta = f - ell
+        loss = (2 * (torch.exp(-delta) + delta - 1)).mean()
+        (grad,) = torch.autograd.grad(loss, f, create_graph=True)
+        (hess,) = torch.autograd.grad(grad, f)
+        with torch.no_grad():
+            f -= grad / hess
+    assert float(f) == pytest.approx(float(torch.logsumexp(ell, 0) - torch.log(torch.tensor(len(ell), dtype=DT))),
+                                     abs=1e-10)
+    assert abs(float(f) - float(ell.mean())) > 0.3  # the Jensen gap ½σ² = 0.32 the squared loss would leave

@@ -30,6 +30,9 @@ from gfnalign.objectives.heads import make_log_flow_head
 #: "semi": only through f_phi(x_t), with f_phi(x_next) a fixed target (semi-gradient TD);
 #: "target": as "semi", with f(x_next) from a Polyak-averaged copy of the head (a target network).
 FLOW_GRADIENTS = ("full", "semi", "target")
+#: "squared": the head minimises δ² like the policy (the papers); "exponential": the head minimises
+#: 2(e^{−δ} + δ − 1), whose minimiser is log E[exp(·)] rather than E[log(·)] (see the class docstring).
+FLOW_LOSSES = ("squared", "exponential")
 
 
 @register("dag-db")
@@ -107,9 +110,19 @@ class DAGDB(TransitionObjective):
         flow_gradient: str = "full",
         target_ema: float = 0.1,
         gamma: str = "one",
+        flow_loss: str = "squared",
+        exp_clamp: float = 20.0,
         **common: Any,
     ):
         super().__init__(**common)
+        check_choice("flow_loss", flow_loss, FLOW_LOSSES)
+        if flow_loss == "exponential" and flow_gradient == "full":
+            raise ValueError("flow_loss='exponential' fits log F(x_t) with log F(x_next) held fixed; it needs "
+                             "flow_gradient='target' or 'semi' (got 'full')")
+        self.flow_loss = flow_loss
+        if exp_clamp <= 0:
+            raise ValueError(f"exp_clamp={exp_clamp} must be > 0 (nats)")
+        self.exp_clamp = float(exp_clamp)
         self.forward_looking = bool(forward_looking)
         check_choice("flow_gradient", flow_gradient, FLOW_GRADIENTS)
         self.flow_gradient = flow_gradient
@@ -207,10 +220,27 @@ class DAGDB(TransitionObjective):
         }
         return delta, log_pf, eps, metrics
 
+    def flow_fit(self, delta_head: torch.Tensor) -> torch.Tensor:
+        """[N] the head's loss on a residual that carries only φ's gradient (``flow_loss``)."""
+        if self.flow_loss == "squared":
+            return delta_head**2
+        neg = (-delta_head).clamp(max=self.exp_clamp)
+        return 2 * (neg.exp() - neg - 1)
+
     def forward(  # type: ignore[override]
         self, batch: TransitionBatch, policy: PolicyModel, lookahead: Lookahead | None, *, beta: float
     ) -> LossOutput:
-        delta, _, eps, metrics = self.delta(batch, policy, lookahead, beta)
-        db = delta**2
+        if self.flow_loss == "squared":
+            delta, _, eps, metrics = self.delta(batch, policy, lookahead, beta)
+            db = delta**2
+            tr = self.trust_region_term(eps, batch)
+            return self.output(db + tr, delta, {"db": db, "trust_region": tr}, metrics)
+        delta, log_pf, eps, metrics = self.delta(batch, policy, lookahead, beta)
+        # the same residual twice: one carries only θ's gradient (through log P_F), one only φ's
+        log_f_t = delta - log_pf
+        delta_policy = delta - log_f_t + log_f_t.detach()
+        delta_head = delta - log_pf + log_pf.detach()
+        db = delta_policy**2
+        flow_fit = self.flow_fit(delta_head)
         tr = self.trust_region_term(eps, batch)
-        return self.output(db + tr, delta, {"db": db, "trust_region": tr}, metrics)
+        return self.output(db + flow_fit + tr, delta, {"db": db, "flow_fit": flow_fit, "trust_region": tr}, metrics)

@@ -57,7 +57,7 @@ class DAGKL(DAGDB):
     trust region                 yes            --
     ===========================  =============  =============
 
-    The flow options of DAG-DB apply unchanged (``flow_gradient``, ``target_ema``, ``gamma``, the head).
+    The flow options of DAG-DB apply unchanged (``flow_gradient``, ``target_ema``, ``gamma``, ``flow_loss``, the head).
 
     Choices (spec/dag.md §8.5): the RLOO group is the whole transition batch passed in (mixed
     timesteps and prompts, like the authors' per-GPU micro-batch; it is not shared across ranks);
@@ -79,7 +79,7 @@ class DAGKL(DAGDB):
     ) -> LossOutput:
         delta, log_pf, eps, metrics = self.delta(batch, policy, lookahead, beta)
         delta_sg = delta - log_pf + log_pf.detach()  # same value, no gradient to θ through log P_F
-        flow = delta_sg**2
+        flow = self.flow_fit(delta_sg)
         adv = leave_one_out_advantage(-delta_sg.detach(), self.adv_clip)
         log_ratio = log_pf - self.old_log_pf(batch, log_pf)
         ratio = log_ratio.exp()

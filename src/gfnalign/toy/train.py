@@ -224,7 +224,7 @@ def evaluate(
     reward: ToyReward,
     beta: float,
     *,
-    samples: int = 10_000,
+    samples: int = 100_000,
     seed: int = 0,
     target_mass_samples: int = 200_000,
 ) -> dict[str, Any]:
@@ -287,7 +287,7 @@ def run_toy(
     *,
     steps: int | None = None,
     seed: int = 0,
-    samples: int = 10_000,
+    samples: int = 100_000,
     config: dict[str, Any] | None = None,
     log: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
