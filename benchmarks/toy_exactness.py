@@ -57,14 +57,17 @@ NOTES = """Reading the table:
   exact tilted mixture (target masses from 2·10⁵ exact samples). In brackets: the same for the *oracle*,
   the 50-step sampler run with the exact ε of the tilted target (`energy_distance_oracle`,
   `mode_mass_tv_oracle` in OUT.json), i.e. the best this Gaussian-kernel sampler can do at this step count.
-* Energy distance: unbiased U-statistic, 10⁴ fine-tuned vs 10⁴ exact target samples. "floor" is the DESIGN
-  §6 contract: the pretrained sampler vs exact samples of the *untilted* p_f. It understates the
-  discretisation error of the tilted problem: the untilted mixtures are symmetric, so their mode masses
-  come out right by symmetry, while a tilted target keeps a discretisation bias (the oracle's own TV is
-  0.012–0.027 over seeds). "oracle ED" is the discretisation floor of the problem actually solved; it
-  shares the fine-tuned chain's noise and the same target draws (common random numbers). Both are noisy at
-  10⁴ samples: over 3 evaluation seeds the oracle ED of ring4 ranged 0.0020–0.0045 and the contract floor
-  0.0001–0.0012, so ratios are good to a factor of about 1.5.
+* Energy distance: unbiased U-statistic, 10⁵ fine-tuned vs 10⁵ exact target samples, computed from sorted
+  projections in 2-D (exact up to a 1e-5 quadrature error; d8: pairwise on the first 10⁴ of each side). Its
+  noise at 10⁵ is ~1e-4 or less, about 10% of the floors (at the 10⁴ used before 2026-11-24's fourth session
+  it was as large as the floors; see "Toy energy distance: evaluation noise"). "floor" is the DESIGN §6
+  contract: the pretrained sampler vs exact samples of the *untilted* p_f. "oracle ED" is the sampler run
+  with the exact ε of the *tilted* target, the discretisation floor of the problem actually solved; it
+  shares the fine-tuned chain's noise and the same target draws (common random numbers). On ring4 the
+  oracle sits at 3.5× the contract floor: the untilted mixture is symmetric, so its mode masses come out
+  right by symmetry, while the tilt keeps a discretisation bias. residual-nabla-db's own exact target, the
+  pretrained *sampler* tilted by exp(β r), is just as far (`benchmarks/toy_floors.py`: ring4 0.0029 against
+  a contract floor of 0.0008; grid9 0.0018 against 0.0014).
 * reward: mean r of fine-tuned / exact target / pretrained samples. ddpo and reward-backprop maximise the
   reward (no exact target): their rows show reward drift, TV is not expected to be small.
 * seconds: training time / whole command (evaluation included), 2 runs at a time on the 2 cores.

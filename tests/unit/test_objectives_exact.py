@@ -73,8 +73,9 @@ class ExactLogFlow(nn.Module):
 @pytest.mark.parametrize(("forward_looking", "gamma"), [(False, "one"), (True, "one"), (True, "alpha_bar"),
                                                        (True, "sqrt_alpha_bar")])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-@pytest.mark.parametrize("flow_gradient", ["full", "target"])
-def test_dag_residual_vanishes_at_exact_flow(method, forward_looking, gamma, reduction, flow_gradient):
+@pytest.mark.parametrize(("flow_gradient", "flow_loss"), [("full", "squared"), ("target", "squared"),
+                                                         ("target", "exponential")])
+def test_dag_residual_vanishes_at_exact_flow(method, forward_looking, gamma, reduction, flow_gradient, flow_loss):
     sched = make_schedule()
     r, _ = db_reward(sched)
     traj = sample(exact_tilted_policy(sched, BETA), reward_fn=r)
@@ -82,12 +83,14 @@ def test_dag_residual_vanishes_at_exact_flow(method, forward_looking, gamma, red
     scale = 1.0 if reduction == "sum" else 1.0 / D  # "mean": balance holds for D·log P, i.e. beta -> beta / D
     obj = build_objective(method, log_flow_head=ExactLogFlow(sched, forward_looking, scale, gamma),
                           forward_looking=forward_looking, log_prob_reduction=reduction, gamma=gamma,
-                          flow_gradient=flow_gradient)
+                          flow_gradient=flow_gradient, flow_loss=flow_loss)
     la = FnLookahead(value=u_value)
     batch = obj.select_transitions(traj)
     assert len(batch) == traj.batch_size * sched.num_steps
     out = obj(batch, exact_tilted_policy(sched, BETA), la, beta=BETA * scale)
     assert out.residual.abs().max() < 1e-6, out.residual
+    if method == "dag-db":  # every term of the loss vanishes with the residual
+        assert abs(float(out.loss)) < 1e-10
     assert out.residual.shape == (len(batch),) and not out.residual.requires_grad
     # a perturbed policy breaks the balance
     bad = exact_tilted_policy(sched, BETA)

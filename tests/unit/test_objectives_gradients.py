@@ -2,6 +2,8 @@
 LossOutput contract, flags, and the trust-region term."""
 
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -393,7 +395,8 @@ def test_residual_bootstrap_target_is_the_reference_jacobian_times_the_next_flow
     assert out.metrics["loss/rev"] == pytest.approx(float((r**2).mean()), rel=1e-9)
 
 
-def test_exponential_flow_loss_routes_gradients_and_keeps_the_policy_loss(monkeypatch):
+@pytest.mark.parametrize("name", ["dag-db", "dag-kl"])
+def test_exponential_flow_loss_routes_gradients_and_keeps_the_policy_loss(monkeypatch, name):
     """flow_loss="exponential": θ's gradient is that of δ² (unchanged); φ's is Σ 2(1 − e^{−δ})·∂f(x_t)/∂φ.
 
     The point-mass world's residuals are ~1e4 nats, so their values are replaced by moderate ones c
@@ -410,9 +413,9 @@ def test_exponential_flow_loss_routes_gradients_and_keeps_the_policy_loss(monkey
     monkeypatch.setattr(DAGDB, "delta", moderate)
     pol, traj = world()
     torch.manual_seed(0)
-    sq = build_objective("dag-db", state_shape=(2,), flow_gradient="semi").double()
+    sq = build_objective(name, state_shape=(2,), flow_gradient="semi").double()
     torch.manual_seed(0)
-    ex = build_objective("dag-db", state_shape=(2,), flow_gradient="semi", flow_loss="exponential").double()
+    ex = build_objective(name, state_shape=(2,), flow_gradient="semi", flow_loss="exponential", exp_clamp=5.0).double()
     with torch.no_grad():  # a non-zero head, the same in both
         for p, q in zip(sq.log_flow_head.parameters(), ex.log_flow_head.parameters(), strict=True):
             p.add_(0.1)
@@ -429,10 +432,10 @@ def test_exponential_flow_loss_routes_gradients_and_keeps_the_policy_loss(monkey
     want = torch.autograd.grad((2 * (1 - torch.exp(-d)) * f_t).sum() / len(batch), list(ex.log_flow_head.parameters()),
                                retain_graph=True)
     squared = torch.autograd.grad((2 * d * f_t).sum() / len(batch), list(ex.log_flow_head.parameters()))
-    for got, w, q in zip([p.grad for p in ex.log_flow_head.parameters()], want, squared, strict=True):
+    for got, w in zip([p.grad for p in ex.log_flow_head.parameters()], want, strict=True):
         torch.testing.assert_close(got, w)
     assert any(float((w - q).abs().max()) > 1e-6 for w, q in zip(want, squared, strict=True))
-    assert "loss/flow_fit" in out.metrics
+    assert ("loss/flow_fit" if name == "dag-db" else "loss/flow") in out.metrics
     with pytest.raises(ValueError, match="flow_gradient"):
         build_objective("dag-db", state_shape=(2,), flow_loss="exponential")  # the default "full"
     with pytest.raises(ValueError, match="flow_loss"):
@@ -455,3 +458,47 @@ def test_exponential_flow_loss_fits_the_log_mean_exp_not_the_mean_log():
     assert float(f) == pytest.approx(float(torch.logsumexp(ell, 0) - torch.log(torch.tensor(len(ell), dtype=DT))),
                                      abs=1e-10)
     assert abs(float(f) - float(ell.mean())) > 0.3  # the Jensen gap ½σ² = 0.32 the squared loss would leave
+
+
+def test_exponential_flow_loss_continues_linearly_beyond_the_clamp():
+    obj = build_objective("dag-db", state_shape=(2,), flow_gradient="semi", flow_loss="exponential", exp_clamp=1.0)
+    delta = torch.tensor([-3.0, -1.0, -0.5, 0.0, 2.0], dtype=DT, requires_grad=True)
+    loss = obj.flow_fit(delta)
+    (grad,) = torch.autograd.grad(loss.sum(), delta)
+    inside = delta.detach() >= -1.0
+    torch.testing.assert_close(loss[inside], 2 * (torch.exp(-delta[inside]) + delta[inside] - 1))
+    torch.testing.assert_close(grad[inside], 2 * (1 - torch.exp(-delta.detach()[inside])))
+    torch.testing.assert_close(grad[0], torch.tensor(2 * (1 - math.e), dtype=DT))  # the clamp's slope
+    assert float(loss[0]) == pytest.approx(float(loss[1]) + 2 * (math.e - 1) * 2.0)  # continuous, linear
+    with pytest.raises(ValueError, match="exp_clamp"):
+        build_objective("dag-db", state_shape=(2,), flow_gradient="semi", flow_loss="exponential", exp_clamp=0.0)
+
+
+def test_forward_kl_policy_loss_weights_the_log_likelihood_by_the_balance_ratio(monkeypatch):
+    """policy_loss="forward_kl": θ's gradient is −Σ 2(e^{−δ} − 1)·∇log P_F / N (weights detached, clamped
+    at exp_clamp); the head's gradient is that of the flow loss alone."""
+    from gfnalign.objectives.dag_db import DAGDB
+
+    original = DAGDB.delta
+    values = torch.linspace(-1.5, 1.5, 48, dtype=DT)
+
+    def moderate(self, *args):
+        delta, log_pf, eps, metrics = original(self, *args)
+        return delta - delta.detach() + values[: len(delta)], log_pf, eps, metrics
+
+    monkeypatch.setattr(DAGDB, "delta", moderate)
+    pol, traj = world()
+    torch.manual_seed(0)
+    obj = build_objective("dag-db", state_shape=(2,), flow_gradient="semi", flow_loss="exponential",
+                          policy_loss="forward_kl", exp_clamp=1.0).double()
+    out, batch = run(obj, pol, traj)
+    got = [p.grad.clone() for p in policy_params(pol)]
+    d = values[: len(batch)]
+    weight = torch.exp((-d).clamp(max=1.0)) - 1
+    _, log_pf, _, _ = original(obj, batch, pol, lookahead(), BETA)
+    want = torch.autograd.grad((-2 * weight * log_pf).sum() / len(batch), policy_params(pol), allow_unused=True)
+    for g_, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g_, torch.zeros_like(g_) if w is None else w)
+    assert gsum(policy_params(pol)) > 0 and "loss/forward_kl" in out.metrics
+    with pytest.raises(ValueError, match="policy_loss"):
+        build_objective("dag-db", state_shape=(2,), policy_loss="kl")

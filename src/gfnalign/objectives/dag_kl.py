@@ -33,7 +33,8 @@ class DAGKL(DAGDB):
 
     With δ the DAG-DB residual (forward-looking log F, terminal log F = beta·reward)::
 
-        L_flow = δ_sg²                 with log P_F^θ stop-gradiented inside δ_sg (trains φ only)
+        L_flow = δ_sg²                 with log P_F^θ stop-gradiented inside δ_sg (trains φ only);
+                                       2(e^{−δ_sg} + δ_sg − 1) with ``flow_loss="exponential"``
         r_i    = −δ_sg,i (detached)    per-transition "reward" (contains −log P_F: an entropy bonus)
         b_i    = (Σ_j r_j − r_i)/(N−1)                     leave-one-out baseline over the batch
         v_i    = (Σ_j u_j − u_i)/(N−1),  u_j = (r_j − b_j)² leave-one-out variance
