@@ -502,3 +502,5 @@ def test_forward_kl_policy_loss_weights_the_log_likelihood_by_the_balance_ratio(
     assert gsum(policy_params(pol)) > 0 and "loss/forward_kl" in out.metrics
     with pytest.raises(ValueError, match="policy_loss"):
         build_objective("dag-db", state_shape=(2,), policy_loss="kl")
+    with pytest.raises(ValueError, match="dag-db option"):
+        build_objective("dag-kl", state_shape=(2,), policy_loss="forward_kl")

@@ -72,6 +72,9 @@ class DAGKL(DAGDB):
 
     def __init__(self, *args: Any, kl_weight: float = 1.0, clip_range: float = 0.2, adv_clip: float = 5.0, **kw: Any):
         super().__init__(*args, **kw)
+        if self.policy_loss != "squared":
+            raise ValueError(f"policy_loss={self.policy_loss!r}: dag-kl trains its policy with the clipped REINFORCE "
+                             "gradient; policy_loss is a dag-db option (remove it)")
         self.kl_weight = check_nonneg("kl_weight", kl_weight)
         self.clip_range, self.adv_clip = ppo_clip_options(self, clip_range, adv_clip)
 
