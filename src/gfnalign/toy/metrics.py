@@ -7,12 +7,13 @@
 
   In one and two dimensions it is computed from sorted projections in O(n log n), which makes 10⁵–10⁶
   samples cheap. Why that matters: the toy's discretisation floor is ~1e-3, and the U-statistic's own
-  noise at 10⁴ 2-D samples is a few 1e-4 (measured 2026-11-24: two exact samplers of the same ring4
-  mixture at 4·10⁴ samples each gave up to 3.7e-4), so a ratio "ED / floor" at 10⁴ samples is mostly
-  noise. Two facts make it exact:
+  noise at 10⁴ 2-D samples is several 1e-4 (measured 2026-11-24: two independent sets of exact samples
+  of the tilted ring4 target gave up to 3.7e-4 at 4·10⁴ each, and at most 4e-5 at 10⁵), so a ratio
+  "ED / floor" at 10⁴ samples is mostly noise. Two facts make it exact:
 
   - in 1-D, for sorted values z₍₁₎ ≤ … ≤ z₍ₙ₎, Σ_{i<j} |z_i − z_j| = Σ_k (2k − n − 1) z₍ₖ₎, and the cross
-    sum Σ_{i,j} |x_i − y_j| is the pooled sample's sum minus the two within-sample sums;
+    sum Σ_{i,j} |x_i − y_j| = Σ_j [y_j (2c_j − n) + Σx − 2 P(c_j)], with c_j the number of x below y_j and
+    P the prefix sums of the sorted x;
   - ‖z‖ = E_u |uᵀz| / κ_d for u uniform on the unit sphere, κ_d = Γ(d/2) / (√π Γ((d+1)/2)) (2/π in 2-D).
     In 2-D the average over u is a midpoint rule with ``directions`` equally spaced angles in [0, π):
     |cos| has Fourier coefficients ~1/k², so the kernel's relative error is ~1/(π M²) (8e-5 at M = 64)
