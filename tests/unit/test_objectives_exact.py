@@ -74,7 +74,7 @@ class ExactLogFlow(nn.Module):
                                                        (True, "sqrt_alpha_bar")])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize(("flow_gradient", "flow_loss"), [("full", "squared"), ("target", "squared"),
-                                                         ("target", "exponential")])
+                                                         ("target", "exponential"), ("semi", "exponential")])
 def test_dag_residual_vanishes_at_exact_flow(method, forward_looking, gamma, reduction, flow_gradient, flow_loss):
     sched = make_schedule()
     r, _ = db_reward(sched)

@@ -502,5 +502,11 @@ def test_forward_kl_policy_loss_weights_the_log_likelihood_by_the_balance_ratio(
     assert gsum(policy_params(pol)) > 0 and "loss/forward_kl" in out.metrics
     with pytest.raises(ValueError, match="policy_loss"):
         build_objective("dag-db", state_shape=(2,), policy_loss="kl")
+    with pytest.raises(ValueError, match="flow_loss='exponential'"):
+        build_objective("dag-db", state_shape=(2,), flow_gradient="semi", policy_loss="forward_kl")
+    with pytest.raises(ValueError, match="exp_clamp"):
+        build_objective("dag-db", state_shape=(2,), flow_gradient="semi", flow_loss="exponential",
+                        exp_clamp=float("nan"))
     with pytest.raises(ValueError, match="dag-db option"):
-        build_objective("dag-kl", state_shape=(2,), policy_loss="forward_kl")
+        build_objective("dag-kl", state_shape=(2,), flow_gradient="semi", flow_loss="exponential",
+                        policy_loss="forward_kl")

@@ -286,7 +286,7 @@ def test_sorted_energy_distance_equals_the_pairwise_u_statistic(dim):
     y = x[:2500] * 1.1 + torch.tensor([0.3, 0.0], dtype=D) if mix else torch.randn(2500, 1, dtype=D, generator=g) * 1.1 + 0.2
     exact = energy_distance_pairwise(x, y)
     assert exact > 1e-3
-    # 1-D: the same statistic up to the float32 sort; 2-D: the 128-angle midpoint rule, kernel error ~1/(πM²)
+    # 1-D: the same statistic up to the float32 sort; 2-D: the 64-angle midpoint rule, kernel error ~1/(πM²)
     assert abs(energy_distance(x, y) - exact) < (1e-6 if dim == 1 else 1e-4) * exact
     # the null case, where the three terms cancel almost completely
     x2 = mix.sample(2500, g) if mix else torch.randn(2500, 1, dtype=D, generator=g)
@@ -296,3 +296,5 @@ def test_sorted_energy_distance_equals_the_pairwise_u_statistic(dim):
 def test_energy_distance_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match=r"\[n, d\]"):
         energy_distance(torch.zeros(5, 2, dtype=D), torch.zeros(5, 3, dtype=D))
+    with pytest.raises(ValueError, match="directions"):
+        energy_distance(torch.zeros(5, 2, dtype=D), torch.ones(5, 2, dtype=D), directions=0)

@@ -111,7 +111,9 @@ class DAGDB(TransitionObjective):
       against each other: ring4 under-tilts more the closer the fit is to the exact flow, grid9 needs the
       exact flow (worst energy distance over the seeds, in units of the discretisation floor: squared 6.3,
       clamp 0.5 4.7, 0.7 3.1, 1 4.1; BENCHMARKS.md "DAG's flow: the exponential loss"). The fit is exact
-      only for residuals inside the clamp.
+      only for residuals inside the clamp. With ``log_prob_reduction="mean"`` e^{−δ} is no longer an
+      importance weight (δ holds log-probabilities divided by D), so the "exact flow" reading does not
+      hold; the loss still vanishes at exact balance.
 
     ``policy_loss`` (how θ is fitted):
 
@@ -151,13 +153,16 @@ class DAGDB(TransitionObjective):
     ):
         super().__init__(**common)
         check_choice("policy_loss", policy_loss, POLICY_LOSSES)
+        if policy_loss == "forward_kl" and flow_loss != "exponential":
+            raise ValueError(f"policy_loss='forward_kl' weights transitions by e^(-delta), which is an importance "
+                             f"weight only with the exact flow: it needs flow_loss='exponential' (got {flow_loss!r})")
         self.policy_loss = policy_loss
         check_choice("flow_loss", flow_loss, FLOW_LOSSES)
         if flow_loss == "exponential" and flow_gradient == "full":
             raise ValueError("flow_loss='exponential' fits log F(x_t) with log F(x_next) held fixed; it needs "
                              "flow_gradient='target' or 'semi' (got 'full')")
         self.flow_loss = flow_loss
-        if exp_clamp <= 0:
+        if not exp_clamp > 0:  # also rejects NaN
             raise ValueError(f"exp_clamp={exp_clamp} must be > 0 (nats)")
         self.exp_clamp = float(exp_clamp)
         self.forward_looking = bool(forward_looking)
@@ -276,9 +281,10 @@ class DAGDB(TransitionObjective):
             return self.output(db + tr, delta, {"db": db, "trust_region": tr}, metrics)
         delta, log_pf, eps, metrics = self.delta(batch, policy, lookahead, beta)
         # the same residual twice: one carries only θ's gradient (through log P_F), one only φ's
-        log_f_t = delta - log_pf
-        delta_policy = delta - log_f_t + log_f_t.detach()
-        delta_head = delta - log_pf + log_pf.detach()
+        # (written so that both keep exactly δ's value in float32)
+        pf_grad_only = log_pf - log_pf.detach()
+        delta_policy = delta.detach() + pf_grad_only
+        delta_head = delta - pf_grad_only
         if self.policy_loss == "squared":
             db = delta_policy**2
         else:
