@@ -74,9 +74,9 @@ NOTES = """Reading the table:
 
 Findings (seed 0, 2026-11-24, fourth session; every row re-run with the 10⁵-sample evaluation):
 * Mode-mass TV targets (≤ 0.05 for residual-nabla-db and dag-db, ≤ 0.10 for nabla-db and dag-kl on the
-  2-D cases) are met on both 2-D cases: residual-nabla-db 0.018 / 0.011, dag-db 0.015 / 0.019, dag-kl
+  2-D cases) are met on both 2-D cases: residual-nabla-db 0.018 / 0.011, dag-db 0.015 / 0.018, dag-kl
   0.016 / 0.016, nabla-db 0.044 / 0.070.
-* Energy distance, dag-db: 1.8× the contract floor on ring4 and 0.5× on grid9 (0.5× the oracle on both).
+* Energy distance, dag-db: 1.8× the contract floor on ring4 and 0.6× on grid9 (0.5× / 0.6× the oracle).
   Over training seeds 0–2 the worst is 3.1× the contract floor and 2.2× the oracle ("DAG's flow: the
   exponential loss"). Since this session dag-db and dag-kl fit the learned log-flow with
   `flow_loss: exponential` (`exp_clamp` 0.7), whose minimiser is the exact flow rather than the exact flow
@@ -91,8 +91,8 @@ Findings (seed 0, 2026-11-24, fourth session; every row re-run with the 10⁵-sa
 * nabla-db over-tilts grid9 (reward −0.48 against −0.67) and under-tilts ring4 a little, within its TV
   target.
 * d8-linear: every GFlowNet under-tilts within the two-minute budget (TV 0.05–0.11): the 8-D case needs
-  more updates. The exponential flow loss moved dag-db from 0.088 to 0.080 and dag-kl from 0.076 to 0.112
-  here (one seed each).
+  more updates. With the exponential flow loss dag-db is at 0.092 (0.088 before) and dag-kl at 0.112
+  (0.076 before) here (one seed each).
 * ddpo and reward-backprop drift past the target's reward and collapse onto the best mode. The linear
   rewards are unbounded, so with more updates the drift grows without limit; reward-backprop on d8 reaches
   r ≈ 123.
