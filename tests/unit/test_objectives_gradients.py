@@ -395,12 +395,10 @@ def test_residual_bootstrap_target_is_the_reference_jacobian_times_the_next_flow
     assert out.metrics["loss/rev"] == pytest.approx(float((r**2).mean()), rel=1e-9)
 
 
-@pytest.mark.parametrize("name", ["dag-db", "dag-kl"])
-def test_exponential_flow_loss_routes_gradients_and_keeps_the_policy_loss(monkeypatch, name):
-    """flow_loss="exponential": θ's gradient is that of δ² (unchanged); φ's is Σ 2(1 − e^{−δ})·∂f(x_t)/∂φ.
-
-    The point-mass world's residuals are ~1e4 nats, so their values are replaced by moderate ones c
-    (same graph, δ − δ.detach() + c) to test the exponential away from its clamp."""
+def moderate_residuals(monkeypatch):
+    """Give DAG-DB's residual the moderate values c = linspace(−1.5, 1.5) with its graph kept
+    (δ − δ.detach() + c): the point-mass world's residuals are ~1e4 nats, far outside any clamp.
+    Returns (c, the unpatched DAGDB.delta)."""
     from gfnalign.objectives.dag_db import DAGDB
 
     original = DAGDB.delta
@@ -411,6 +409,16 @@ def test_exponential_flow_loss_routes_gradients_and_keeps_the_policy_loss(monkey
         return delta - delta.detach() + values[: len(delta)], log_pf, eps, metrics
 
     monkeypatch.setattr(DAGDB, "delta", moderate)
+    return values, original
+
+
+@pytest.mark.parametrize("name", ["dag-db", "dag-kl"])
+def test_exponential_flow_loss_routes_gradients_and_keeps_the_policy_loss(monkeypatch, name):
+    """flow_loss="exponential": θ's gradient is that of δ² (unchanged); φ's is Σ 2(1 − e^{−δ})·∂f(x_t)/∂φ.
+
+    The point-mass world's residuals are ~1e4 nats, so their values are replaced by moderate ones c
+    (same graph, δ − δ.detach() + c) to test the exponential away from its clamp."""
+    values, _ = moderate_residuals(monkeypatch)
     pol, traj = world()
     torch.manual_seed(0)
     sq = build_objective(name, state_shape=(2,), flow_gradient="semi").double()
@@ -477,16 +485,7 @@ def test_exponential_flow_loss_continues_linearly_beyond_the_clamp():
 def test_forward_kl_policy_loss_weights_the_log_likelihood_by_the_balance_ratio(monkeypatch):
     """policy_loss="forward_kl": θ's gradient is −Σ 2(e^{−δ} − 1)·∇log P_F / N (weights detached, clamped
     at exp_clamp); the head's gradient is that of the flow loss alone."""
-    from gfnalign.objectives.dag_db import DAGDB
-
-    original = DAGDB.delta
-    values = torch.linspace(-1.5, 1.5, 48, dtype=DT)
-
-    def moderate(self, *args):
-        delta, log_pf, eps, metrics = original(self, *args)
-        return delta - delta.detach() + values[: len(delta)], log_pf, eps, metrics
-
-    monkeypatch.setattr(DAGDB, "delta", moderate)
+    values, original = moderate_residuals(monkeypatch)
     pol, traj = world()
     torch.manual_seed(0)
     obj = build_objective("dag-db", state_shape=(2,), flow_gradient="semi", flow_loss="exponential",
@@ -500,6 +499,13 @@ def test_forward_kl_policy_loss_weights_the_log_likelihood_by_the_balance_ratio(
     for g_, w in zip(got, want, strict=True):
         torch.testing.assert_close(g_, torch.zeros_like(g_) if w is None else w)
     assert gsum(policy_params(pol)) > 0 and "loss/forward_kl" in out.metrics
+    head = [p.grad.clone() for p in obj.log_flow_head.parameters()]
+    torch.manual_seed(0)
+    same_flow = build_objective("dag-db", state_shape=(2,), flow_gradient="semi", flow_loss="exponential",
+                                exp_clamp=1.0).double()
+    run(same_flow, pol, traj)
+    for a, b in zip(head, [p.grad for p in same_flow.log_flow_head.parameters()], strict=True):
+        torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="policy_loss"):
         build_objective("dag-db", state_shape=(2,), policy_loss="kl")
     with pytest.raises(ValueError, match="flow_loss='exponential'"):
