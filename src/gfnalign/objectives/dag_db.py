@@ -152,16 +152,16 @@ class DAGDB(TransitionObjective):
         **common: Any,
     ):
         super().__init__(**common)
-        check_choice("policy_loss", policy_loss, POLICY_LOSSES)
-        if policy_loss == "forward_kl" and flow_loss != "exponential":
-            raise ValueError(f"policy_loss='forward_kl' weights transitions by e^(-delta), which is an importance "
-                             f"weight only with the exact flow: it needs flow_loss='exponential' (got {flow_loss!r})")
-        self.policy_loss = policy_loss
         check_choice("flow_loss", flow_loss, FLOW_LOSSES)
         if flow_loss == "exponential" and flow_gradient == "full":
             raise ValueError("flow_loss='exponential' fits log F(x_t) with log F(x_next) held fixed; it needs "
                              "flow_gradient='target' or 'semi' (got 'full')")
         self.flow_loss = flow_loss
+        check_choice("policy_loss", policy_loss, POLICY_LOSSES)
+        if policy_loss == "forward_kl" and flow_loss != "exponential":
+            raise ValueError(f"policy_loss='forward_kl' weights transitions by e^(-delta), which is an importance "
+                             f"weight only with the exact flow: it needs flow_loss='exponential' (got {flow_loss!r})")
+        self.policy_loss = policy_loss
         if not exp_clamp > 0:  # also rejects NaN
             raise ValueError(f"exp_clamp={exp_clamp} must be > 0 (nats)")
         self.exp_clamp = float(exp_clamp)
@@ -274,12 +274,11 @@ class DAGDB(TransitionObjective):
     def forward(  # type: ignore[override]
         self, batch: TransitionBatch, policy: PolicyModel, lookahead: Lookahead | None, *, beta: float
     ) -> LossOutput:
-        if self.flow_loss == "squared" and self.policy_loss == "squared":
-            delta, _, eps, metrics = self.delta(batch, policy, lookahead, beta)
-            db = delta**2
-            tr = self.trust_region_term(eps, batch)
-            return self.output(db + tr, delta, {"db": db, "trust_region": tr}, metrics)
         delta, log_pf, eps, metrics = self.delta(batch, policy, lookahead, beta)
+        tr = self.trust_region_term(eps, batch)
+        if self.flow_loss == "squared" and self.policy_loss == "squared":  # the papers: one δ² for θ and φ
+            db = delta**2
+            return self.output(db + tr, delta, {"db": db, "trust_region": tr}, metrics)
         # the same residual twice: one carries only θ's gradient (through log P_F), one only φ's
         # (written so that both keep exactly δ's value in float32)
         pf_grad_only = log_pf - log_pf.detach()
@@ -293,6 +292,5 @@ class DAGDB(TransitionObjective):
             weight = (-delta.detach()).clamp(max=self.exp_clamp).exp() - 1
             db = -2 * weight * log_pf
         flow_fit = self.flow_fit(delta_head)
-        tr = self.trust_region_term(eps, batch)
         name = "db" if self.policy_loss == "squared" else "forward_kl"
         return self.output(db + flow_fit + tr, delta, {name: db, "flow_fit": flow_fit, "trust_region": tr}, metrics)

@@ -107,19 +107,17 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor, *, directions: int = 64, m
         raise ValueError(f"directions={directions} must be at least 1 (64 is accurate to ~2e-4 in 2-D)")
     if x.shape[1] <= 2:
         return _energy_distance_sorted(x, y, directions)
-    x, y = x[:max_pairwise], y[:max_pairwise]
+    return energy_distance_pairwise(x[:max_pairwise], y[:max_pairwise])
+
+
+def energy_distance_pairwise(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The pairwise O(nm) U-statistic on all samples (d ≥ 3, and the reference the sorted form is tested
+    against)."""
+    x, y = x.to(DTYPE), y.to(DTYPE)
     xy = _mean_pairwise(x, y, exclude_diagonal=False)
     xx = _mean_pairwise(x, x, exclude_diagonal=True)
     yy = _mean_pairwise(y, y, exclude_diagonal=True)
     return 2 * xy - xx - yy
-
-
-def energy_distance_pairwise(x: torch.Tensor, y: torch.Tensor) -> float:
-    """The pairwise O(nm) U-statistic on all samples (the reference the sorted form is tested against)."""
-    x, y = x.to(DTYPE), y.to(DTYPE)
-    return 2 * _mean_pairwise(x, y, exclude_diagonal=False) - _mean_pairwise(x, x, exclude_diagonal=True) - _mean_pairwise(
-        y, y, exclude_diagonal=True
-    )
 
 
 def mode_mass(x: torch.Tensor, mixture: GaussianMixture) -> list[float]:
