@@ -1,6 +1,8 @@
 """gfnalign.backbones: the only layer that imports diffusers/peft.
 
-* :mod:`gfnalign.backbones.sd`: :class:`StableDiffusionBackbone` (PolicyModel over diffusers, LoRA via peft).
+* :mod:`gfnalign.backbones.latent_base`: :class:`LatentDiffusionBackbone`, the base every diffusers
+  latent-diffusion family shares (guided ε, decode, LoRA via peft, checkpoints, heads).
+* :mod:`gfnalign.backbones.sd`: :class:`StableDiffusionBackbone` (SD 1.x/2.x conditioning).
 * :mod:`gfnalign.backbones.digits`: the shipped tiny digits world (prompts, classifier, loaders).
 
 Names are imported lazily so ``import gfnalign.backbones`` stays cheap.
@@ -13,8 +15,9 @@ from typing import Any
 
 _EXPORTS = {
     "StableDiffusionBackbone": "gfnalign.backbones.sd",
-    "LogFlowHead": "gfnalign.backbones.sd",
-    "FlowScoreHead": "gfnalign.backbones.sd",
+    "LatentDiffusionBackbone": "gfnalign.backbones.latent_base",
+    "LogFlowHead": "gfnalign.backbones.latent_heads",
+    "FlowScoreHead": "gfnalign.backbones.latent_heads",
     "DigitClassifier": "gfnalign.backbones.digits",
     "load_digits_backbone": "gfnalign.backbones.digits",
     "load_digit_classifier": "gfnalign.backbones.digits",
