@@ -43,6 +43,12 @@ register_reward(
     description="log p(prompted digit | image) under the digits world's shipped classifier",
 )
 register_reward(
+    "digit-preference", f"{_R}.digits:DigitPreferenceReward", differentiable=True,
+    description="expected preference value sum_c v_c p(c | image) under the digits classifier (bounded; "
+    "default prefers even digits)",
+    options={"values": None},
+)
+register_reward(
     "ink", f"{_R}.digits:InkReward", differentiable=True,
     description="stroke mass: mean ink, or -(mean ink - target)^2 / scale^2 with a target",
     options={"target": None},

@@ -2,6 +2,10 @@
 
 * ``digit-alignment``: ``log p(d | image)`` where ``d`` is the digit the prompt names, under the digits
   world's shipped CNN classifier (:func:`gfnalign.backbones.digits.load_digit_classifier`). At most 0.
+* ``digit-preference``: ``sum_c v_c p(c | image)``, the classifier's expected preference value (bounded in
+  ``[min v, max v]``, so the pretrained model's samples weighted by ``exp(beta * r)`` estimate the tilted target
+  with a bounded importance weight). The default ``values`` prefer even digits (1 for 0, 2, 4, 6, 8; 0 else).
+  It tilts *across* classes, for prompts that leave the digit open (the ``digits-open`` prompt set).
 * ``ink``: the stroke mass. Digits are bright ink on a dark background, so ink = mean grey level in [0,1].
   With no ``target`` the reward is the plain mean ink (more ink = more reward); with ``target=t`` it is
   ``-((ink - t) / scale)**2`` (peak 0 at ink = t).
@@ -42,6 +46,40 @@ class DigitAlignmentReward(Reward):
         target = self.digits(prompts).to(images.device)
         log_probs = torch.log_softmax(self.classifier(images).float(), dim=-1)
         return log_probs.gather(1, target[:, None]).squeeze(1)
+
+
+class DigitPreferenceReward(Reward):
+    name = "digit-preference"
+    differentiable = True
+    inputs = "image"
+
+    #: The default preference: even digits 1, odd digits 0.
+    EVEN_DIGITS = (1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0)
+
+    def __init__(self, *, values: Any = None, classifier_path: str | None = None, classifier: Any = None, device=None):
+        super().__init__(device)
+        import math
+
+        from gfnalign.backbones.digits import load_digit_classifier
+
+        values = self.EVEN_DIGITS if values is None else values
+        if (
+            isinstance(values, (str, bytes))
+            or not hasattr(values, "__len__")
+            or len(values) != 10
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        ):
+            raise ValueError(
+                f"digit-preference reward: values must be 10 finite numbers (one per digit 0-9), got {values!r}; "
+                "e.g. values: [1, 0, 1, 0, 1, 0, 1, 0, 1, 0] prefers even digits"
+            )
+        self.values = torch.tensor([float(v) for v in values], dtype=torch.float32)
+        self.classifier = classifier if classifier is not None else load_digit_classifier(classifier_path)
+        self.freeze()
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        probs = torch.softmax(self.classifier(images).float(), dim=-1)
+        return probs @ self.values.to(probs.device)
 
 
 class InkReward(Reward):

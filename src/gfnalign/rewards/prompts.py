@@ -1,7 +1,7 @@
 """Prompt sets: built-in lists and loaders for txt / json / jsonl / csv prompt files.
 
 ``load_prompts(spec)`` -> :class:`PromptSet`. ``spec`` is a built-in name (``prompt_set_names()``: "digits",
-"digits-all", "animals") or a path:
+"digits-all", "digits-open" (one prompt that leaves the digit open), "animals") or a path:
 
 * ``.txt``: one prompt per line; blank lines and lines starting with ``#`` are skipped;
 * ``.json``: a list of strings; a dict keyed by prompt (DrawBench style: ``{"A red colored car.":
@@ -37,6 +37,9 @@ ANIMALS: tuple[str, ...] = (
 )
 
 _DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# Prompts of the digits world that leave the digit open (the pretraining phrasings without the digit):
+# the pretrained model answers each with its own mixture of digits, which a cross-class reward can tilt.
+DIGITS_OPEN_PROMPTS: tuple[str, ...] = ("a handwritten digit",)
 _PROMPT_KEYS = ("prompt", "Prompt", "prompts", "Prompts", "text", "caption")
 _CATEGORY_KEYS = ("category", "Category")
 
@@ -111,6 +114,8 @@ def _builtin(name: str) -> PromptSet | None:
         return PromptSet("digits", tuple(_digit_prompts(False)))
     if name == "digits-all":
         return PromptSet("digits-all", tuple(_digit_prompts(True)))
+    if name == "digits-open":
+        return PromptSet("digits-open", DIGITS_OPEN_PROMPTS)
     if name == "animals":
         return PromptSet("animals", ANIMALS)
     return None
@@ -118,7 +123,7 @@ def _builtin(name: str) -> PromptSet | None:
 
 def prompt_set_names() -> list[str]:
     """Names of the built-in prompt sets."""
-    return ["animals", "digits", "digits-all"]
+    return ["animals", "digits", "digits-all", "digits-open"]
 
 
 # ----------------------------------------------------------------------------------------------------------
