@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train with a YAML config (any method x reward x backbone)"),
     "sample": ("sample", "sample images from a run or LoRA"),
     "eval": ("evaluate", "reward, diversity and prior drift of a run or LoRA"),
+    "tilt": ("tilt", "what a digits-world run samples against its target p_pretrained*exp(beta*r)"),
     "list": ("listing", "list methods, rewards, prompt sets and presets"),
     "rewards": ("rewards", "inspect rewards (`gfnalign rewards list`) and serve one over HTTP"),
     "toy": ("toy", "prove an objective exact on the analytic Gaussian-mixture world"),
