@@ -410,7 +410,8 @@ class LatentDiffusionBackbone(nn.Module):
             z = z / cfg.scaling_factor
             if getattr(cfg, "shift_factor", None):
                 z = z + cfg.shift_factor
-        img = self.vae.decode(z).sample.float()
+        img = self.vae.decode(z).sample
+        img = img.to(torch.promote_types(img.dtype, torch.float32))  # fp32 at least (fp64 VAEs stay fp64)
         return (img / 2 + 0.5).clamp(0, 1)
 
     def initial_noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:

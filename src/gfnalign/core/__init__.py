@@ -12,7 +12,7 @@ from gfnalign.core.kernels import (
     score_wrt_mean_input,
 )
 from gfnalign.core.parametrization import eps_to_x0, model_output_to_eps, x0_to_eps
-from gfnalign.core.protocols import Lookahead, PolicyModel
+from gfnalign.core.protocols import Lookahead, PolicyModel, SharedPassLookahead
 from gfnalign.core.schedule import NoiseSchedule
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "Lookahead",
     "NoiseSchedule",
     "PolicyModel",
+    "SharedPassLookahead",
     "TrajectoryBatch",
     "TransitionBatch",
     "backward_kernel",

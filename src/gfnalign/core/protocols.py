@@ -45,3 +45,20 @@ class Lookahead(Protocol):
     def grad_log_reward(
         self, x: torch.Tensor, t: torch.Tensor, cond: Any, *, terminal: torch.Tensor
     ) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class SharedPassLookahead(Lookahead, Protocol):
+    """A :class:`Lookahead` whose x0_hat(x) an objective can read from a network pass it makes anyway.
+
+    ``x0_pass(policy)`` names the pass: ``"policy"`` when x0_hat(x) is Tweedie's estimate from
+    ``policy.eps(x, t, cond)`` (the guided ε, adapters on), ``"reference"`` when it is from
+    ``policy.eps(x, t, cond, reference=True)``, ``None`` when it is neither (e.g. another network, or an
+    unguided x0_hat under guidance). ``grad_log_reward_x0(x0, cond)`` is ∇_{x0} r(decode(x0)) at given clean
+    latents, detached. An objective that holds ε(x) with a graph from x then gets ∇_x r(x0_hat(x)) as the
+    vector-Jacobian product J_{x0_hat}(x)ᵀ ∇_{x0} r, which equals ``grad_log_reward`` without a second pass.
+    """
+
+    def x0_pass(self, policy: Any) -> str | None: ...
+
+    def grad_log_reward_x0(self, x0: torch.Tensor, cond: Any) -> torch.Tensor: ...

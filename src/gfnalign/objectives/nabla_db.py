@@ -121,10 +121,13 @@ class NablaDB(ScoreBalanceObjective):
         t, t_next, a, an = policy.schedule.at_steps(batch.step, dtype=x_t.dtype, device=x_t.device)
         scale = self.reduction_scale(x_t)
 
-        eps, kernel, fwd, rev = self.policy_scores(policy, batch, reference=False)
+        # with lookahead.model = policy, ∇r(x̂0(x_t)) is read from the policy's own pass at x_t
+        shared = self.shared_lookahead_pass(lookahead, policy, batch, at_t=self.uses_reverse) == "policy"
+        eps, kernel, fwd, rev, grad_t = self.policy_scores(policy, batch, reference=False,
+                                                           lookahead=lookahead if shared else None)
 
         psi_next, psi_t, _ = self.flow_scores(batch, lookahead, beta, t, t_next, a, an,
-                                              at_t=self.uses_reverse, final_head=False)
+                                              at_t=self.uses_reverse, final_head=False, reward_grad_t=grad_t)
         if self.prior_score:
             prior_next, prior_t = self.reference_scores(policy, batch, t, t_next, a, an, at_t=self.uses_reverse)
             psi_next = psi_next + prior_next  # zero on terminal rows

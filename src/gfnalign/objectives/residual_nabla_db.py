@@ -188,22 +188,37 @@ class ResidualNablaDB(ScoreBalanceObjective):
         current = self.forward_at == "current"
         closed_form = self.uses_reverse and self.reverse_estimator != "sampled"
         bootstrap = closed_form and self.reverse_estimator == "bootstrap"
+        at_t = self.uses_reverse or current
+        # ∇r(x̂0(x_t)) is read from the policy's or the reference's own pass at x_t when the lookahead's x̂0
+        # comes from that network (one network pass per transition fewer)
+        shared = self.shared_lookahead_pass(lookahead, policy, batch, at_t=at_t)
+        grad_t = None
         if closed_form:  # no policy reverse score; the reference's VJP comes after ψ (peak memory)
-            eps, kernel = self.policy_kernel(policy, batch)
+            x_pol = x_t.detach().requires_grad_(True) if shared == "policy" else None
+            eps, kernel = self.policy_kernel(policy, batch, x_t=x_pol)
             fwd, rev = kernel.score(x_next), None
+            if shared == "policy":
+                grad_t = self.shared_reward_grad(lookahead, x_pol, eps, a, batch.cond)
+            x_req = x_t.detach().requires_grad_(True)
+            if shared == "reference":  # the reference pass moves before ψ: ψ(x_t) needs it
+                eps_ref, kernel_ref = self.policy_kernel(policy, batch, reference=True, x_t=x_req)
+                grad_t = self.shared_reward_grad(lookahead, x_req, eps_ref, a, batch.cond)
         else:
-            eps, kernel, fwd, rev = self.policy_scores(policy, batch, reference=False)
-            _, _, fwd_ref, rev_ref = self.policy_scores(policy, batch, reference=True)
+            eps, kernel, fwd, rev, grad_t = self.policy_scores(
+                policy, batch, reference=False, lookahead=lookahead if shared == "policy" else None)
+            _, _, fwd_ref, rev_ref, grad_ref = self.policy_scores(
+                policy, batch, reference=True, lookahead=lookahead if shared == "reference" else None)
+            grad_t = grad_ref if grad_ref is not None else grad_t
 
         # ψ(x_next) is read by the paper's forward condition and by the bootstrap target; ψ(x_t) by the
         # reverse condition and by forward_at="current"
         final_head = self.flow_score_head is not None and self.terminal_loss_weight > 0 and bool(last.any())
         psi_next, psi_t, g_final = self.flow_scores(batch, lookahead, beta, t, t_next, a, an,
-                                                    at_t=self.uses_reverse or current, final_head=final_head,
-                                                    at_next=not current or bootstrap)
+                                                    at_t=at_t, final_head=final_head,
+                                                    at_next=not current or bootstrap, reward_grad_t=grad_t)
         if closed_form:
-            x_req = x_t.detach().requires_grad_(True)
-            _, kernel_ref = self.policy_kernel(policy, batch, reference=True, x_t=x_req)
+            if shared != "reference":
+                _, kernel_ref = self.policy_kernel(policy, batch, reference=True, x_t=x_req)
             fwd_ref = kernel_ref.score(x_next).detach()
             if bootstrap:  # E_{P*}[s_#^←] = J_#ᵀ(m* − μ_#)/σ² with m* − μ_# = σ²·E[ψ(x_next)]/(s·scale)
                 rev_target = mean_vjp(kernel_ref, psi_next / (s * scale), x_req)

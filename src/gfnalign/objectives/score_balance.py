@@ -21,6 +21,7 @@ from torch import nn
 
 from gfnalign.core.batches import TransitionBatch
 from gfnalign.core.kernels import GaussianKernel
+from gfnalign.core.parametrization import eps_to_x0
 from gfnalign.core.protocols import Lookahead, PolicyModel
 from gfnalign.objectives.common import (
     GAMMAS,
@@ -135,7 +136,7 @@ class ScoreBalanceObjective(TransitionObjective):
     def flow_scores(
         self, batch: TransitionBatch, lookahead: Lookahead | None, beta: float, t: torch.Tensor,
         t_next: torch.Tensor, a: torch.Tensor, an: torch.Tensor, *, at_t: bool, final_head: bool,
-        at_next: bool = True,
+        at_next: bool = True, reward_grad_t: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``(ψ(x_next), ψ(x_t) or None, g_phi(x_final) or None)``, each like x.
 
@@ -143,7 +144,8 @@ class ScoreBalanceObjective(TransitionObjective):
         on terminal rows ψ(x_next) = beta·∇r(x_final) (γ = 1, no g_phi). ``g_phi(x_final)`` (terminal rows,
         zeros elsewhere) is returned when ``final_head`` for the terminal loss. The head runs once over all
         the states it is needed at, and so does the Lookahead. ``at_next=False``: ψ(x_next) is not needed
-        at non-terminal rows (returned as zeros there), which saves the head and the Lookahead on them.
+        at non-terminal rows (returned as zeros there), which saves the head and the Lookahead on them. ``reward_grad_t``: ∇r(x̂0(x_t)) already read from
+        one of the objective's own passes (:meth:`shared_reward_grad`); the Lookahead is then called at x_next only.
         """
         x_t, x_next, cond, last = batch.x_t, batch.x_next, batch.cond, batch.is_last
         ones, zeros = torch.ones_like(last), torch.zeros_like(last)
@@ -153,11 +155,13 @@ class ScoreBalanceObjective(TransitionObjective):
 
         # reward-gradient terms (raw ∇r from the cache or one Lookahead call)
         rows_next = ones if (self.forward_looking and at_next) else last
-        rows_t = ones if (self.forward_looking and at_t) else zeros
+        rows_t = ones if (self.forward_looking and at_t and reward_grad_t is None) else zeros
         grad_t, grad_next = lookahead_pair(
             "grad", lookahead, batch.lookahead_grad_t, batch.lookahead_grad_next,
             x_t, t, rows_t, x_next, t_next, rows_next, last, cond,
         )
+        if reward_grad_t is not None:
+            grad_t = reward_grad_t
         gamma_next = torch.where(last, torch.ones_like(an), gamma_weight(self.gamma, an))
         psi_next = beta * bcast(gamma_next, x_next) * grad_next
         psi_t = beta * bcast(gamma_weight(self.gamma, a), x_t) * grad_t if at_t else None
@@ -176,20 +180,28 @@ class ScoreBalanceObjective(TransitionObjective):
 
     # -- policy scores ---------------------------------------------------------------------------------
     def policy_scores(
-        self, policy: PolicyModel, batch: TransitionBatch, *, reference: bool
-    ) -> tuple[torch.Tensor, GaussianKernel, torch.Tensor, torch.Tensor | None]:
-        """``(eps, kernel, forward score [N,...], reverse score or None)``, scores of summed log-densities.
+        self, policy: PolicyModel, batch: TransitionBatch, *, reference: bool, lookahead: Lookahead | None = None,
+    ) -> tuple[torch.Tensor, GaussianKernel, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(eps, kernel, forward score [N,...], reverse score or None, ∇r(x̂0(x_t)) or None)``, scores of
+        summed log-densities.
 
         The reference's scores are detached; the policy's reverse score keeps its graph only with
-        ``reverse_trains_policy``.
+        ``reverse_trains_policy``. With ``lookahead`` (a lookahead whose x̂0 comes from this very pass, see
+        :meth:`shared_lookahead_pass`) the pass is built with a graph from x_t and the lookahead's
+        ∇_{x_t} r(x̂0(x_t)) is read from it (no second network pass at x_t).
         """
         need_rev = self.uses_reverse
-        x_t = batch.x_t.detach().requires_grad_(True) if need_rev else batch.x_t
-        if reference and not need_rev:
+        need_graph = need_rev or lookahead is not None
+        x_t = batch.x_t.detach().requires_grad_(True) if need_graph else batch.x_t
+        if reference and not need_graph:
             with torch.no_grad():
                 eps, kernel = self.policy_kernel(policy, batch, reference=True)
         else:
             eps, kernel = self.policy_kernel(policy, batch, reference=reference, x_t=x_t)
+        reward_grad = None
+        if lookahead is not None:
+            alpha_bar = policy.schedule.at_steps(batch.step, dtype=x_t.dtype, device=x_t.device)[2]
+            reward_grad = self.shared_reward_grad(lookahead, x_t, eps, alpha_bar, batch.cond)
         fwd = kernel.score(batch.x_next)
         rev = None
         if need_rev:
@@ -199,4 +211,28 @@ class ScoreBalanceObjective(TransitionObjective):
                 rev = rev.detach()
         if reference:
             eps, fwd = eps.detach(), fwd.detach()
-        return eps, kernel, fwd, rev
+        return eps, kernel, fwd, rev, reward_grad
+
+    # -- a lookahead read from the objective's own pass ------------------------------------------------
+    def shared_lookahead_pass(
+        self, lookahead: Lookahead | None, policy: PolicyModel, batch: TransitionBatch, *, at_t: bool
+    ) -> str | None:
+        """``"policy"`` / ``"reference"``: the pass at x_t that ∇r(x̂0(x_t)) can be read from, or None when
+        the lookahead gradient at x_t is not needed, is cached on the batch, or comes from another network
+        (a lookahead without :class:`~gfnalign.core.protocols.SharedPassLookahead`'s ``x0_pass``)."""
+        if not (at_t and self.forward_looking) or batch.lookahead_grad_t is not None or lookahead is None:
+            return None
+        x0_pass = getattr(lookahead, "x0_pass", None)
+        return x0_pass(policy) if callable(x0_pass) else None
+
+    @staticmethod
+    def shared_reward_grad(
+        lookahead: Lookahead, x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor, cond: Any
+    ) -> torch.Tensor:
+        """∇_{x_t} r(x̂0(x_t)) with x̂0 = Tweedie(x_t, ε) from an ε that has a graph from the leaf ``x_t``:
+        ∇_{x0} r by the lookahead (decoder and reward), then one VJP through ε's graph, which is kept for
+        the loss. Equal to ``lookahead.grad_log_reward`` at the (never terminal) x_t, without its network pass."""
+        x0 = eps_to_x0(x_t, eps, alpha_bar)
+        g0 = lookahead.grad_log_reward_x0(x0.detach(), cond)  # type: ignore[attr-defined]
+        (grad,) = torch.autograd.grad(x0, x_t, grad_outputs=g0.to(x0.dtype), retain_graph=True)
+        return grad.detach()

@@ -6,7 +6,13 @@
   states use x itself (x0_hat(x) = x). x0_hat comes from ``model: policy | reference`` (the reference is
   the pretrained network, adapters off) and is CFG-guided when ``guided``.
 * ``grad_log_reward``: ∇_x r(decode(x0_hat(x))) by autograd through the reward, the decoder and the
-  x0_hat network (only with respect to x; no parameter gradient is accumulated); detached result.
+  x0_hat network (only with respect to x; no parameter gradient is accumulated); detached result. It is
+  J_{x0_hat}(x)ᵀ·∇_{x0} r: ``grad_log_reward_x0`` differentiates the decoder and the reward, then one
+  vector-Jacobian product goes through the x0_hat network. Terminal rows skip the network.
+* ``x0_pass(policy)`` (``core.SharedPassLookahead``): the ∇-DB objectives already run the policy (and
+  residual ∇-DB the reference) at x_t with a graph from x_t; when the lookahead's x0_hat comes from that
+  same network (``model`` and guidance match), they read ∇r(x0_hat(x_t)) from their own pass with
+  ``grad_log_reward_x0`` and one VJP, and the lookahead runs its network at x_next only.
 
 Rewards take prompt strings, while objectives pass the encoded conditioning. The trainer registers the
 epoch's prompts with :meth:`RewardLookahead.set_prompts`; each conditioning row is matched back to its
@@ -63,6 +69,11 @@ class CountingPolicy:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backbone, name)
+
+    @property
+    def unwrapped(self) -> Any:
+        """The wrapped backbone (lookaheads built on it recognise the counted policy as theirs)."""
+        return self._backbone
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Any, *, reference: bool = False, **kw: Any) -> torch.Tensor:
         self._count(x, reference)
@@ -130,10 +141,19 @@ class RewardLookahead:
 
     # -- x0_hat ---------------------------------------------------------------------------------------
     def _x0(self, x: torch.Tensor, t: torch.Tensor, cond: Any, terminal: torch.Tensor) -> torch.Tensor:
-        x0 = self.backbone.predict_x0(x, t, cond, reference=self.model == "reference", guided=self.guided)
+        """x0_hat(x): the network runs only on the non-terminal rows (terminal rows are their own x0_hat)."""
+        term = terminal.to(x.device)
+        live = (~term).nonzero(as_tuple=True)[0]
+        if live.numel() == 0:
+            return x
+        if live.numel() == x.shape[0]:
+            return self._predict_x0(x, t, cond)
+        c = None if cond is None else cond[live.to(cond.device)]
+        return x.index_put((live,), self._predict_x0(x[live], t[live], c))
+
+    def _predict_x0(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         self._count_unet(x.shape[0])
-        term = terminal.to(x.device).reshape(-1, *([1] * (x.dim() - 1)))
-        return torch.where(term, x, x0)
+        return self.backbone.predict_x0(x, t, cond, reference=self.model == "reference", guided=self.guided)
 
     def _count_unet(self, n: int) -> None:
         if self.model == "reference":
@@ -162,12 +182,9 @@ class RewardLookahead:
         return torch.cat(out) if out else x.new_zeros(0)
 
     def grad_log_reward(self, x: torch.Tensor, t: torch.Tensor, cond: Any, *, terminal: torch.Tensor) -> torch.Tensor:
-        if not getattr(self.reward, "differentiable", False):
-            name = getattr(self.reward, "name", type(self.reward).__name__)
-            raise ValueError(
-                f"reward {name!r} is not differentiable, but this method needs ∇r; use a differentiable "
-                "reward (e.g. digit-alignment, ink, aesthetic) or a gradient-free method (dag-db, dag-kl, ddpo)"
-            )
+        """∇_x r(x0_hat(x)) = J_{x0_hat}(x)ᵀ ∇_{x0} r: the decoder and the reward are differentiated by
+        :meth:`grad_log_reward_x0` (in their own chunks), then one VJP through the x0_hat network."""
+        self._check_differentiable()
         grads = []
         for s in range(0, x.shape[0], self.chunk_size):
             sl = slice(s, s + self.chunk_size)
@@ -175,12 +192,44 @@ class RewardLookahead:
             with torch.enable_grad():
                 xs = x[sl].detach().requires_grad_(True)
                 x0 = self._x0(xs, t[sl], c, terminal[sl])
-                images = self.decode(x0).float()
-                r = self.reward(images, self.prompts_for(c, xs.shape[0]))
-                self.counters.reward_grad += int(xs.shape[0])
-                (g,) = torch.autograd.grad(r.sum(), xs)
+                g0 = self.grad_log_reward_x0(x0.detach(), c)
+                (g,) = torch.autograd.grad(x0, xs, grad_outputs=g0.to(x0.dtype))
             grads.append(g.detach())
         return torch.cat(grads) if grads else torch.zeros_like(x)
+
+    def grad_log_reward_x0(self, x0: torch.Tensor, cond: Any) -> torch.Tensor:
+        """∇_{x0} r(decode(x0)) at clean latents ``x0`` (detached), through the decoder and the reward."""
+        self._check_differentiable()
+        grads = []
+        for s in range(0, x0.shape[0], self.chunk_size):
+            sl = slice(s, s + self.chunk_size)
+            c = None if cond is None else cond[sl]
+            with torch.enable_grad():
+                z = x0[sl].detach().requires_grad_(True)
+                images = self.decode(z)
+                images = images.to(torch.promote_types(images.dtype, torch.float32))
+                r = self.reward(images, self.prompts_for(c, z.shape[0]))
+                self.counters.reward_grad += int(z.shape[0])
+                (g,) = torch.autograd.grad(torch.as_tensor(r).sum(), z)
+            grads.append(g.detach())
+        return torch.cat(grads) if grads else torch.zeros_like(x0)
+
+    def x0_pass(self, policy: Any) -> str | None:
+        """``"policy"`` / ``"reference"`` when this lookahead's x0_hat is Tweedie's estimate from the guided ε
+        of ``policy`` (adapters on / off), so an objective may read it from its own pass; else None."""
+        if getattr(policy, "unwrapped", policy) is not self.backbone:
+            return None
+        if not self.guided and float(getattr(self.backbone, "guidance_scale", 1.0)) != 1.0:
+            return None  # the unguided x0_hat is not the guided ε the objectives compute
+        return self.model
+
+    def _check_differentiable(self) -> None:
+        if not getattr(self.reward, "differentiable", False):
+            name = getattr(self.reward, "name", type(self.reward).__name__)
+            raise ValueError(
+                f"reward {name!r} is not differentiable, but this method needs ∇r; use a differentiable "
+                "reward (e.g. digit-alignment, ink, aesthetic) or a gradient-free method (dag-db, dag-kl, ddpo)"
+            )
 
     # -- lookahead: cached ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,138 @@
+"""∇-DB objectives read ∇r(x̂0(x_t)) from their own policy/reference pass instead of a separate lookahead pass.
+
+Float64 end to end (tiny SD-architecture pipeline, CFG, non-zero LoRA, a smooth differentiable reward): the
+loss and every gradient equal those of the pre-change path, in which the lookahead runs its own network pass
+at x_t and x_next (``OldLookahead`` below re-implements that path: one autograd pass through x̂0, the decoder
+and the reward, the network run on every row). The counted network rows drop by one pass per transition.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gfnalign.objectives import build_objective
+from gfnalign.sampling import rollout
+from gfnalign.training.lookahead import Counters, CountingPolicy, RewardLookahead
+from tests.integration._train_utils import tiny_pipeline
+
+pytestmark = pytest.mark.slow
+DT = torch.float64
+
+
+class SmoothReward:
+    """A differentiable reward with a non-trivial image gradient (tanh of a fixed random projection)."""
+
+    differentiable = True
+    name = "smooth"
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.w = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=DT)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        assert images.dtype == DT and len(prompts) == images.shape[0]
+        return torch.tanh((images - 0.5) * self.w.to(images)).flatten(1).mean(1) * 3.0
+
+
+class OldLookahead:
+    """The lookahead as it was before the shared passes: no ``x0_pass`` (so objectives call it at x_t too),
+    gradients by one autograd pass through the x̂0 network (run on every row), the decoder and the reward."""
+
+    def __init__(self, backbone, reward, model: str, counters: Counters) -> None:
+        self.inner = RewardLookahead(backbone, reward, model=model, guided=True, counters=counters)
+        self.bb, self.reward, self.model, self.counters = backbone, reward, model, counters
+
+    def set_prompts(self, cond, prompts):
+        self.inner.set_prompts(cond, prompts)
+
+    def log_reward(self, x, t, cond, *, terminal):
+        return self.inner.log_reward(x, t, cond, terminal=terminal)
+
+    def grad_log_reward(self, x, t, cond, *, terminal):
+        with torch.enable_grad():
+            xs = x.detach().requires_grad_(True)
+            x0 = self.bb.predict_x0(xs, t, cond, reference=self.model == "reference", guided=True)
+            self.counters.unet_reference += xs.shape[0]
+            x0 = torch.where(terminal.reshape(-1, 1, 1, 1), xs, x0)
+            r = self.reward(self.bb.decode(x0), [""] * xs.shape[0])
+            (g,) = torch.autograd.grad(r.sum(), xs)
+        return g.detach()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from gfnalign.backbones.sd import StableDiffusionBackbone
+
+    path: Path = tiny_pipeline(tmp_path_factory.mktemp("tiny"))
+    bb = StableDiffusionBackbone.from_pretrained(path, num_inference_steps=3, guidance_scale=3.0, lora_rank=2,
+                                                 lora_alpha=2.0)
+    for m in (bb.unet, bb.vae, bb.text_encoder):
+        m.double()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a policy that differs from the reference
+        for p in bb.trainable_parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=DT))
+    bb._uncond = None
+    reward = SmoothReward((3, bb.image_size, bb.image_size))
+    texts = ["a handwritten digit one", "a handwritten digit seven"]
+    cond = bb.encode_prompts(texts).to(DT)
+    x_init = bb.initial_noise(2, gen).to(DT)
+    traj = rollout(bb, cond, x_init, generator=gen, prompts=texts)
+    traj = traj.__class__(**{**traj.__dict__, "reward": reward(bb.decode(traj.final), texts).detach()})
+    return bb, reward, traj
+
+
+CASES = [
+    ("residual-nabla-db", "reference", {}),
+    ("residual-nabla-db", "policy", {}),
+    ("residual-nabla-db", "reference", {"head_target": "reverse", "reverse_estimator": "bootstrap",
+                                        "forward_at": "current"}),
+    ("residual-nabla-db", "policy", {"head_target": "reverse", "reverse_estimator": "expected"}),
+    ("nabla-db", "policy", {}),
+]
+
+
+@pytest.mark.parametrize(("method", "model", "options"), CASES)
+def test_shared_pass_gives_the_old_loss_and_gradients_with_fewer_network_rows(world, method, model, options):
+    bb, reward, traj = world
+    obj = build_objective(method, state_shape=bb.latent_shape, fraction=1.0, trust_region=0.5, **options).to(DT)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a non-zero flow-score head
+        for p in obj.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=DT))
+    batch = obj.select_transitions(traj)
+    N, non_terminal = len(batch), int((~batch.is_last).sum())
+    params = bb.trainable_parameters() + list(obj.parameters())
+
+    def run(make_lookahead):
+        counters = Counters()
+        la = make_lookahead(counters)
+        la.set_prompts(traj.cond, traj.prompts)
+        for p in params:
+            p.grad = None
+        out = obj(batch, CountingPolicy(bb, counters), la, beta=2.0)
+        out.loss.backward()
+        return out, [p.grad.clone() for p in params], counters
+
+    old, g_old, c_old = run(lambda c: OldLookahead(bb, reward, model, c))
+    new, g_new, c_new = run(lambda c: RewardLookahead(bb, reward, model=model, guided=True, counters=c))
+    assert old.loss.dtype == DT
+    torch.testing.assert_close(new.loss, old.loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(new.residual, old.residual, rtol=1e-10, atol=1e-12)
+    assert sum(float(g.abs().sum()) for g in g_old) > 0
+    for a, b in zip(g_new, g_old, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    rows_old = c_old.unet + c_old.unet_reference
+    rows_new = c_new.unet + c_new.unet_reference
+    # the x_t pass is shared and the network no longer runs on terminal x_next (where x̂0 = x)
+    assert rows_old - rows_new == N + (N - non_terminal), (rows_old, rows_new)
+
+
+def test_x0_pass_only_names_a_pass_that_computes_the_same_x0(world):
+    bb, reward, _ = world
+    assert RewardLookahead(bb, reward, model="reference").x0_pass(bb) == "reference"
+    assert RewardLookahead(bb, reward, model="policy").x0_pass(CountingPolicy(bb, Counters())) == "policy"
+    assert RewardLookahead(bb, reward, model="policy", guided=False).x0_pass(bb) is None  # guidance 3 ≠ 1
+    assert RewardLookahead(bb, reward, model="policy").x0_pass(object()) is None  # another policy
