@@ -37,6 +37,15 @@ def pipeline(tmp_path_factory) -> Path:
     return tiny_pipeline(tmp_path_factory.mktemp("tiny"))
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (other test runs share the machine; a fixed port collides)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def _write(cfg: dict, path: Path) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -102,7 +111,7 @@ def test_two_process_cpu_run_keeps_ranks_identical(pipeline, tmp_path, method, o
     config = _write(cfg, tmp_path / "cfg.yaml")
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     run = tmp_path / "ddp"
-    out = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "gfnalign", "train",
+    out = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "gfnalign", "train",
                           "--config", str(config), "--out", str(run)],
                          capture_output=True, text=True, timeout=240, env=_env(), cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]

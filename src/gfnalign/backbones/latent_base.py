@@ -423,6 +423,11 @@ class LatentDiffusionBackbone(nn.Module):
         return z.to(self.device) * self.init_noise_sigma
 
     # -- trainable state --------------------------------------------------------------------------------------
+    def trainable_module(self) -> nn.Module | None:
+        """The module that holds every trainable parameter (the UNet with its LoRA, or the fully trained UNet);
+        the trainer hands it to the distributed engine. None when nothing is trainable."""
+        return self.unet if self.trainable_parameters() else None
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
 

@@ -7,6 +7,8 @@ are ignored (and cleaned up) by :func:`latest_checkpoint`. Contents::
     trainable.pt        backbone.trainable_state_dict() (LoRA or full weights)
     heads.pt            objective.state_dict() (flow heads)
     optimizer.pt        AdamW state
+    engine/             instead of the three above under FSDP / DeepSpeed: accelerator.save_state (one shard
+                        per rank) and objective_state.pt (the objective's state outside the engine)
     rng_rank{r}.pt      torch (CPU + CUDA), python and numpy RNG states of rank r
     epoch_rank{r}.pt    only for a mid-epoch checkpoint: the epoch's transitions and sampling metrics
     COMPLETE            written last, before the rename
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 STEP_PREFIX = "step_"
+ENGINE_DIR = "engine"
 
 
 def rng_state() -> dict[str, Any]:

@@ -8,12 +8,14 @@ One epoch (DESIGN.md §9)::
         (lookahead: cached -> r(x0_hat) of every state, once)
     any NaN/inf reward or RewardOutputError on any rank -> the epoch's updates are skipped and counted
     traj = objective.prepare(traj); batch = objective.select_transitions(traj, generator); shuffle
-    for each update: for each of `grad_accum` micro-batches: loss = objective(mb, policy, lookahead, beta)
-        (loss / n_micro).backward()
-        all-reduce gradients (mean over ranks), clip each parameter group separately, AdamW step
+    for each update: for each of `grad_accum` micro-batches (all but the last under accelerator.no_sync):
+        loss = engine(lambda: objective(mb, policy, lookahead, beta)); accelerator.backward(loss / n_micro)
+        clip each parameter group separately, AdamW step
 
-The trainer never branches on the objective type. Gradients are all-reduced by hand once per update (no
-DDP wrapper: the objective calls the policy however it likes), so ranks stay bit-identical.
+The trainer never branches on the objective type. The policy's trainable network and the objective's heads
+are handed to accelerate's engine (DDP, FSDP or DeepSpeed, chosen by the launcher) inside one
+:class:`~gfnalign.training.engine.TrainStep`, so the engine reduces (and, for FSDP/ZeRO, shards) the
+gradients while the objective calls the policy however it likes; see ``engine.py`` for what each engine needs.
 
 Exact resume. Every epoch reseeds all RNGs from (seed, rank, epoch) and draws its noise from explicit
 generators, so a checkpoint at an epoch boundary needs only weights, optimiser, step and counters; a
@@ -23,10 +25,10 @@ RNG states, so `--resume latest` continues bit-exactly on a single CPU process.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-import os
 import random
 import signal
 import sys
@@ -42,6 +44,13 @@ from gfnalign.core.batches import TrajectoryBatch, TransitionBatch
 from gfnalign.training import checkpoint as ckpt
 from gfnalign.training.build import Components, build_components
 from gfnalign.training.config import TrainConfig
+from gfnalign.training.engine import (
+    TrainStep,
+    engine_traits,
+    gathered_parameters,
+    group_grad_norms,
+    make_accelerator,
+)
 from gfnalign.training.lookahead import Counters, CountingPolicy, RewardLookahead
 
 
@@ -164,13 +173,11 @@ class Trainer:
     # set-up
     # ---------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        from accelerate import Accelerator
-
         cfg = self.cfg
         if self._accelerator is None:
-            use_cpu = not torch.cuda.is_available() or os.environ.get("GFNALIGN_FORCE_CPU") == "1"
-            self._accelerator = Accelerator(cpu=use_cpu, mixed_precision=cfg.training.mixed_precision)
+            self._accelerator = make_accelerator(cfg.training)
         acc = self.accelerator = self._accelerator
+        self.engine = engine_traits(acc)
         self.device = acc.device
         self.rank = acc.process_index
         self.world = acc.num_processes
@@ -208,7 +215,7 @@ class Trainer:
         if not self.policy_params and not self.head_params:
             raise ValueError("nothing to train: the backbone has no trainable parameters and the objective no heads; "
                              "set backbone.lora_rank > 0 or backbone.full_finetune: true")
-        self._broadcast_params()
+        self._broadcast_objective_state()
         t = cfg.training
         groups = []
         if self.policy_params:
@@ -216,7 +223,12 @@ class Trainer:
         if self.head_params:
             groups.append({"params": self.head_params, "lr": t.lr_heads, "weight_decay": t.weight_decay_heads,
                            "name": "heads"})
-        self.optimizer = torch.optim.AdamW(groups, betas=tuple(t.adam_betas), eps=t.adam_eps)
+        optimizer = torch.optim.AdamW(groups, betas=tuple(t.adam_betas), eps=t.adam_eps)
+        # One engine module for the policy's trainable network and the heads (engine.py says why); the engine
+        # replicates (DDP, from rank 0) or shards (FSDP, ZeRO) it, the optimiser follows.
+        heads = {name: m for name, m in self.objective.trainable_modules().items()
+                 if any(p.requires_grad for p in m.parameters())}
+        self.model, self.optimizer = acc.prepare(TrainStep(self.backbone.trainable_module(), heads), optimizer)
 
         self.tb = None
         if self.is_main and cfg.logging.tensorboard:
@@ -258,28 +270,21 @@ class Trainer:
         torch.distributed.all_gather(parts, x)
         return torch.cat(parts)
 
-    def _broadcast_params(self) -> None:
+    def _broadcast_objective_state(self) -> None:
+        """Rank 0's untrained objective state (e.g. DAG-DB's target flow network) to every rank, before the
+        engine takes the trainable modules (which it synchronises itself)."""
         if not self.distributed:
             return
-        for p in self.policy_params:
-            torch.distributed.broadcast(p.data, src=0)
-        # the heads live in the objective, with its untrained state (e.g. DAG-DB's target flow network)
         for tensor in self.objective.state_dict().values():
             torch.distributed.broadcast(tensor, src=0)
 
-    def _all_reduce_grads(self) -> None:
-        if not self.distributed:
-            return
-        params = self.policy_params + self.head_params
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
-            offset += n
+    def _in_engine(self, fn: Any) -> Any:
+        """Run a network-calling ``fn`` where the weights are whole: inside the engine's forward when it shards
+        them (FSDP, ZeRO-3; every rank must call), directly otherwise."""
+        return self.model(fn) if self.engine.shards_parameters else fn()
+
+    def _gathered(self) -> Any:
+        return gathered_parameters(self.accelerator, self.model, self.engine)
 
     # ---------------------------------------------------------------------------------------------
     # signals
@@ -321,12 +326,15 @@ class Trainer:
 
         cond = self.backbone.encode_prompts(texts)
         x_init = self.backbone.initial_noise(len(texts), gen)
-        with self.accelerator.autocast():
-            traj = rollout(self.policy, cond, x_init, eta=self.cfg.sampling.eta,
-                           reduction=self.cfg.sampling.log_prob_reduction, generator=gen,
-                           show_progress=progress, prompt_id=prompt_ids.to(x_init.device),
-                           traj_id=traj_ids.to(x_init.device), prompts=list(texts))
-            images = self.backbone.decode(traj.final)
+        def sample() -> tuple[TrajectoryBatch, torch.Tensor]:
+            with self.accelerator.autocast():
+                traj = rollout(self.policy, cond, x_init, eta=self.cfg.sampling.eta,
+                               reduction=self.cfg.sampling.log_prob_reduction, generator=gen,
+                               show_progress=progress, prompt_id=prompt_ids.to(x_init.device),
+                               traj_id=traj_ids.to(x_init.device), prompts=list(texts))
+                return traj, self.backbone.decode(traj.final)
+
+        traj, images = self._in_engine(sample)
         self.counters.decode += len(texts)
         return traj, images.float()
 
@@ -369,7 +377,7 @@ class Trainer:
             if self.cfg.lookahead.mode == "cached":
                 self.lookahead.set_prompts(traj.cond, texts)
                 try:
-                    traj = self.lookahead.cache_trajectory(traj)
+                    traj = self._in_engine(lambda traj=traj: self.lookahead.cache_trajectory(traj))
                 except Exception as err:
                     if type(err).__name__ == "RewardOutputError" or isinstance(err, ValueError):
                         self._last_reward_error = f"{type(err).__name__} in the cached lookahead: {err}"
@@ -387,46 +395,55 @@ class Trainer:
     def _update(self, micro: list[TransitionBatch], beta: float) -> dict[str, float]:
         t0 = time.perf_counter()
         self.counters.reset()
+        acc = self.accelerator
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         n_total = sum(len(mb) for mb in micro)
+        # accelerator.backward divides by its gradient_accumulation_steps (DeepSpeed by its own, the same
+        # number); each micro-batch's mean loss counts 1/len(micro) of the update, also for a short last update
+        scale = acc.gradient_accumulation_steps / len(micro)
         bad = 0.0
-        for mb in micro:
+        for i, mb in enumerate(micro):
+            last = i == len(micro) - 1
             mb = mb.to(self.device)
-            with self.accelerator.autocast():
-                out = self.objective(mb, self.policy, self.lookahead, beta=beta)
-            loss = out.loss / len(micro)
-            if not _finite(loss.detach()):
-                bad = 1.0
-                break
-            loss.backward()
+            acc.sync_gradients = last  # the accumulation boundary: gradients are reduced (DeepSpeed steps) here
+            with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                with acc.autocast():
+                    out = self.model(lambda mb=mb: self.objective(mb, self.policy, self.lookahead, beta=beta))
+                # every rank takes the same branch: a backward on some ranks only would hang the reduction
+                bad = self._all_max(0.0 if _finite(out.loss.detach()) else 1.0)
+                if bad:
+                    break
+                acc.backward(out.loss * scale)
             w = len(mb) / n_total
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + w * float(v)
-        bad = self._all_max(bad)
+        acc.sync_gradients = True
         metrics: dict[str, float] = {}
-        if not bad:
-            self._all_reduce_grads()
+        if not bad and not self.engine.owns_step:
+            acc.unscale_gradients()  # fp16 loss scaling, if any, before the checks and the clipping
             grads_ok = all(p.grad is None or _finite(p.grad) for p in self.policy_params + self.head_params)
             bad = self._all_max(0.0 if grads_ok else 1.0)
         if bad:
+            if acc.scaler is not None and not self.engine.owns_step:
+                self.optimizer.step()  # the fp16 scaler skips this step itself and lowers its scale
             self.optimizer.zero_grad(set_to_none=True)
+            self.model.zero_grad(set_to_none=True)  # DeepSpeed keeps its accumulated gradients in the engine
             self.counts["skipped_updates"] += 1
             self.counts["nan_streak"] += 1
             metrics["train/skipped"] = 1.0
         else:
-            clip = self.cfg.training.clip_norm
-            for name, params in (("policy", self.policy_params), ("heads", self.head_params)):
-                with_grad = [p for p in params if p.grad is not None]
-                if not with_grad:
-                    continue
-                if clip > 0:
-                    norm = torch.nn.utils.clip_grad_norm_(with_grad, clip)
-                else:
-                    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in with_grad]))
-                metrics[f"grad_norm/{name}"] = float(norm)
-            self.optimizer.step()
-            self.objective.after_optimizer_step()
+            if self.engine.owns_step:  # DeepSpeed clipped and stepped inside the last backward
+                norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.training.clip_norm)
+                if norm is not None:
+                    metrics["grad_norm/all"] = float(norm)
+            else:
+                metrics.update(group_grad_norms({"policy": self.policy_params, "heads": self.head_params},
+                                                self.cfg.training.clip_norm,
+                                                sharded=self.engine.shards_parameters))
+                self.optimizer.step()
+            with self._gathered():
+                self.objective.after_optimizer_step()
             self.optimizer.zero_grad(set_to_none=True)
             self.counts["nan_streak"] = 0
             metrics["train/skipped"] = 0.0
@@ -474,20 +491,35 @@ class Trainer:
         if epoch_state is not None:
             torch.save(epoch_state, tmp / f"epoch_rank{self.rank}.pt")
         self._barrier()
-        checksums = self._gather(self._param_checksum().to(self.device)).cpu().tolist()
+        with self._gathered():
+            checksum = self._param_checksum()
+        checksums = self._gather(checksum.to(self.device)).cpu().tolist()
+        if self.engine.shards_state:  # every rank writes its shard of the weights and the optimiser state
+            self.accelerator.save_state(str(tmp / ckpt.ENGINE_DIR))
         final = None
         if self.is_main:
-            torch.save(self.backbone.trainable_state_dict(), tmp / "trainable.pt")
-            torch.save(self.objective.state_dict(), tmp / "heads.pt")
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            if self.engine.shards_state:  # the objective's state outside the engine (e.g. a target network)
+                torch.save(self._objective_state_outside_engine(), tmp / "objective_state.pt")
+            else:
+                torch.save(self.backbone.trainable_state_dict(), tmp / "trainable.pt")
+                torch.save(self.objective.state_dict(), tmp / "heads.pt")
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             ckpt.write_json(tmp / "state.json", {
                 "step": self.step, "epoch": self.epoch, "mid_epoch": epoch_state is not None,
                 "counts": self.counts, "world_size": self.world, "method": self.cfg.method.name,
                 "beta": beta_at(self.cfg, self.epoch), "rank_param_checksums": checksums,
+                "engine": self.engine.name,
             })
             final = ckpt.commit(root, tmp, self.step, self.cfg.logging.keep_checkpoints)
         self._barrier()
         return final
+
+    def _objective_state_outside_engine(self) -> dict[str, torch.Tensor]:
+        inside = {id(p) for m in self.objective.trainable_modules().values()
+                  for p in list(m.parameters()) + list(m.buffers())}
+        named = dict(self.objective.named_parameters())
+        named.update(dict(self.objective.named_buffers()))
+        return {k: v.detach().cpu().clone() for k, v in named.items() if id(v) not in inside}
 
     def _param_checksum(self) -> torch.Tensor:
         """[1] float64 sum of |p| and p over all trainable parameters, plus |·| of the objective's state
@@ -505,9 +537,23 @@ class Trainer:
         if int(state.get("world_size", 1)) != self.world:
             raise ValueError(f"checkpoint {path} was written by {state['world_size']} processes; resume with the same "
                              f"number (got {self.world}) or start a new run")
-        self.backbone.load_trainable_state_dict(torch.load(path / "trainable.pt", map_location=self.device))
-        self.objective.load_state_dict(torch.load(path / "heads.pt", map_location=self.device))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
+        saved_engine = "sharded" if (path / ckpt.ENGINE_DIR).is_dir() else "replicated"
+        wanted = "sharded" if self.engine.shards_state else "replicated"
+        if saved_engine != wanted:
+            raise ValueError(f"checkpoint {path} holds {saved_engine} engine state (engine {state.get('engine', '?')}) "
+                             f"but this run uses {self.engine.name}; resume under the engine that wrote it")
+        if self.engine.shards_state:
+            self.accelerator.load_state(str(path / ckpt.ENGINE_DIR))
+            outside = torch.load(path / "objective_state.pt", map_location=self.device)
+            with torch.no_grad():
+                own = dict(self.objective.named_parameters())
+                own.update(dict(self.objective.named_buffers()))
+                for k, v in outside.items():
+                    own[k].copy_(v)
+        else:
+            self.backbone.load_trainable_state_dict(torch.load(path / "trainable.pt", map_location=self.device))
+            self.objective.load_state_dict(torch.load(path / "heads.pt", map_location=self.device))
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
         self.counts = dict(state["counts"])
@@ -562,6 +608,8 @@ class Trainer:
 
         prompts = self._eval_prompts(self.cfg.logging.eval_samples)
         images, rewards = self.generate(prompts, "report")
+        if not self.is_main:  # took part in the sampling of sharded weights; rank 0 reports
+            return {}
         fx = self._feature_fn()
         div = diversity(images, prompts, fx)
         drift = None
@@ -603,11 +651,22 @@ class Trainer:
         uniq = list(dict.fromkeys(self.all_prompts))
         prompts = [uniq[i % len(uniq)] for i in range(n)]
         images, rewards = self.generate(prompts, "grid")
+        if not self.is_main:
+            return
         save_grid(images, [f"{p} r={float(r):.2f}" for p, r in zip(prompts, rewards)],
                   self.run_dir / "samples" / f"{name}.png")
 
     def export_final(self) -> Path:
+        """``final/``: the LoRA (or full network) in diffusers' format and the heads. Every rank calls it: a
+        sharded engine gathers the weights collectively; rank 0 writes."""
         final = self.run_dir / "final"
+        with self._gathered():
+            if self.is_main:
+                self._write_final(final)
+        self._barrier()
+        return final
+
+    def _write_final(self, final: Path) -> None:
         tmp = self.run_dir / ".tmp-final"
         if tmp.exists():
             import shutil
@@ -630,7 +689,6 @@ class Trainer:
 
             shutil.rmtree(final)
         tmp.rename(final)
-        return final
 
     def _model_card(self) -> str:
         c = self.cfg
@@ -667,11 +725,12 @@ class Trainer:
         t_start = time.perf_counter()
         previous = self._install_signals()
         try:
-            if self.is_main and cfg.logging.report and not (self.run_dir / "eval_before.json").is_file():
+            if self._samples_here and cfg.logging.report and not (self.run_dir / "eval_before.json").is_file():
                 before = self.evaluate("before")
-                ckpt.write_json(self.run_dir / "eval_before.json", before)
-                print(f"[gfnalign] pretrained: reward {before['reward_mean']:.4g} ± {before['reward_std']:.3g}, "
-                      f"diversity {before['diversity']:.4g}", file=sys.stderr)
+                if self.is_main:
+                    ckpt.write_json(self.run_dir / "eval_before.json", before)
+                    print(f"[gfnalign] pretrained: reward {before['reward_mean']:.4g} ± {before['reward_std']:.3g}, "
+                          f"diversity {before['diversity']:.4g}", file=sys.stderr)
             self._barrier()
             interrupted = self._loop()
             if interrupted:
@@ -679,12 +738,12 @@ class Trainer:
                     print(f"[gfnalign] stopped at step {self.step}; checkpoint saved. Continue with "
                           f"`gfnalign train --out {self.run_dir} --resume latest`", file=sys.stderr)
                 return 0
+            final = self.export_final()
+            after = self.evaluate("after") if cfg.logging.report and self._samples_here else None
             if self.is_main:
-                final = self.export_final()
                 if cfg.logging.report:
                     from gfnalign.training.report import write_report
 
-                    after = self.evaluate("after")
                     ckpt.write_json(self.run_dir / "eval_after.json", after)
                     bpath = self.run_dir / "eval_before.json"
                     before = ckpt.read_json(bpath) if bpath.is_file() else None
@@ -697,6 +756,11 @@ class Trainer:
             self._restore_signals(previous)
             if self.tb is not None:
                 self.tb.close()
+
+    @property
+    def _samples_here(self) -> bool:
+        """Whether this rank runs evaluation and grid sampling: rank 0, and every rank when weights are sharded."""
+        return self.is_main or self.engine.shards_parameters
 
     def _public_counts(self) -> dict[str, int]:
         return {k: v for k, v in self.counts.items() if k != "nan_streak"}
@@ -788,7 +852,7 @@ class Trainer:
         """Grids and checkpoints at epoch ends; returns True when a stop was requested (checkpoint saved)."""
         cfg = self.cfg
         last = self.epoch >= cfg.training.epochs
-        if self.is_main and cfg.logging.sample_every and (self.epoch % cfg.logging.sample_every == 0 or last):
+        if self._samples_here and cfg.logging.sample_every and (self.epoch % cfg.logging.sample_every == 0 or last):
             self._sample_grid(f"step_{self.step}")
         self._barrier()
         stop = self._should_stop()
