@@ -428,7 +428,7 @@ class Trainer:
             if acc.scaler is not None and not self.engine.owns_step:
                 self.optimizer.step()  # the fp16 scaler skips this step itself and lowers its scale
             self.optimizer.zero_grad(set_to_none=True)
-            self.model.zero_grad(set_to_none=True)  # DeepSpeed keeps its accumulated gradients in the engine
+            self.model.zero_grad()  # DeepSpeed keeps its accumulated gradients in the engine
             self.counts["skipped_updates"] += 1
             self.counts["nan_streak"] += 1
             metrics["train/skipped"] = 1.0
@@ -542,18 +542,20 @@ class Trainer:
         if saved_engine != wanted:
             raise ValueError(f"checkpoint {path} holds {saved_engine} engine state (engine {state.get('engine', '?')}) "
                              f"but this run uses {self.engine.name}; resume under the engine that wrote it")
+        # tensors are read onto the CPU and copied to their parameters' devices (accelerate's CPU device is
+        # "cpu:0" under gloo, which torch.load cannot map storages to)
         if self.engine.shards_state:
             self.accelerator.load_state(str(path / ckpt.ENGINE_DIR))
-            outside = torch.load(path / "objective_state.pt", map_location=self.device)
+            outside = torch.load(path / "objective_state.pt", map_location="cpu")
             with torch.no_grad():
                 own = dict(self.objective.named_parameters())
                 own.update(dict(self.objective.named_buffers()))
                 for k, v in outside.items():
                     own[k].copy_(v)
         else:
-            self.backbone.load_trainable_state_dict(torch.load(path / "trainable.pt", map_location=self.device))
-            self.objective.load_state_dict(torch.load(path / "heads.pt", map_location=self.device))
-            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
+            self.backbone.load_trainable_state_dict(torch.load(path / "trainable.pt", map_location="cpu"))
+            self.objective.load_state_dict(torch.load(path / "heads.pt", map_location="cpu"))
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu"))
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
         self.counts = dict(state["counts"])
