@@ -68,8 +68,8 @@ def launch(engine: str, nproc: int, args: list[str], *, cpu: bool, timeout: int 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs" / "accelerate" / f"{engine}.yaml"), "--num_processes", str(nproc),
            "--main_process_port", str(_free_port())]
-    if cpu:
-        cmd.append("--cpu")
+    # no --cpu: with it accelerate launch starts one process (several only through mpirun); on a machine
+    # without GPUs the trainer's Accelerator picks the CPU and gloo by itself
     return subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, env=_env(cpu), cwd=ROOT)
 
 
