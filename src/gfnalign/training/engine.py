@@ -78,6 +78,9 @@ def engine_traits(accelerator: Any) -> EngineTraits:
         stage = int(accelerator.state.deepspeed_plugin.zero_stage)
         return EngineTraits("deepspeed", shards_parameters=stage >= 3, shards_state=True, owns_step=True)
     if kind == DistributedType.FSDP:
+        if getattr(accelerator, "is_fsdp2", False):  # gathered_parameters speaks FSDP1's summon_full_params
+            raise ValueError("fsdp_version: 2 is not supported yet; use fsdp_version: 1 "
+                             "(configs/accelerate/fsdp.yaml)")
         return EngineTraits("fsdp", shards_parameters=True, shards_state=True, owns_step=False)
     if accelerator.num_processes > 1:
         return EngineTraits("ddp", shards_parameters=False, shards_state=False, owns_step=False)
@@ -119,12 +122,9 @@ def gathered_parameters(accelerator: Any, model: nn.Module, traits: EngineTraits
     if traits.name == "fsdp":
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        if isinstance(model, FSDP):
-            with FSDP.summon_full_params(model, writeback=False):
-                yield
-            return
-        # FSDP2 (fully_shard): every parameter is a DTensor; gather them into the modules for the duration
-        raise NotImplementedError("fsdp_version: 2 is not supported yet; use configs/accelerate/fsdp.yaml (FSDP1)")
+        with FSDP.summon_full_params(model, writeback=False):
+            yield
+        return
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
