@@ -48,8 +48,9 @@ def test_two_process_ddp_equals_one_process_with_the_doubled_batch(pipeline, tmp
     def max_diff(a: dict, b: dict) -> float:
         return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
-    # float32 sums taken in another order: a few ulps per update, amplified at most ~lr/eps by Adam
-    tol = 1e-5
+    # float32 sums in another order; Adam turns the rounding of near-zero gradients into steps of up to ~lr.
+    # Measured on the 2-core CPU: 4.2e-6 (DDP vs one process) and 1.8e-2 (one half alone vs one process).
+    tol = 3e-5
     assert max_diff(ddp["state"], single["state"]) < tol
     # the comparison can fail: training on one half alone (no gradient averaging) lands elsewhere
     assert max_diff(half["state"], single["state"]) > 100 * tol
