@@ -14,7 +14,7 @@ from gfnalign.training.trainer import NanLossError, Trainer
 from tests.integration._train_utils import metrics_rows, tiny_config, tiny_pipeline, trainable
 
 pytestmark = pytest.mark.slow
-METHODS = ["dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "ddpo", "reward-backprop"]
+METHODS = ["dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "rtb", "ddpo", "reward-backprop"]
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from gfnalign.toy.mixture import GaussianMixture
     from gfnalign.toy.rewards import reward_from_spec
-    from gfnalign.toy.train import method_config, run_toy
+    from gfnalign.toy.train import method_config, reward_description, run_toy
 
     try:
         mixture = GaussianMixture.from_spec(_load_json(args.mixture, "mixture"), source=str(args.mixture))
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         if args.samples < 2:
             raise ValueError(f"--samples {args.samples}: must be at least 2")
         overrides = parse_overrides(args.overrides)
-        method_config(args.method, overrides)  # validates the keys before any training
+        cfg = method_config(args.method, overrides)  # validates the keys before any training
     except ValueError as err:
         print(f"gfnalign toy: error: {err}", file=sys.stderr)
         return 2
@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k in ("loss/total", "reward/mean"))
             print(f"[toy {args.method}] update {update}: {shown}", file=sys.stderr, flush=True)
 
+    if not args.quiet:
+        print(f"[toy {args.method}] {reward_description(args.method, cfg)}", file=sys.stderr, flush=True)
     result = run_toy(args.method, mixture, reward, args.beta, steps=args.steps, seed=args.seed,
                      samples=args.samples, config=overrides, log=log)
     mm = result["mode_mass"]

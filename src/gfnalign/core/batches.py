@@ -148,6 +148,8 @@ class TransitionBatch:
         lookahead_grad_t / _next: [N, ...] optional cached ∇r(x0_hat) at x_t / x_next.
         advantage: [N] optional per-trajectory advantage (DDPO).
         log_prob_reduction: optional, how ``log_pf_old`` was reduced (``None``: assumed to match the objective).
+        grad_mask: [N] optional bool, the rows whose log P_F carries gradient (whole-trajectory objectives
+            such as ``rtb`` backpropagate through a subsample of steps; ``None``: every row).
     """
 
     x_t: torch.Tensor
@@ -166,6 +168,7 @@ class TransitionBatch:
     lookahead_grad_next: torch.Tensor | None = None
     advantage: torch.Tensor | None = None
     log_prob_reduction: str | None = None
+    grad_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         N = self.x_t.shape[0]
@@ -175,13 +178,15 @@ class TransitionBatch:
             if v is not None and tuple(v.shape) != (N, *state):
                 raise ValueError(f"{name} must have shape {(N, *state)}, got {tuple(v.shape)}")
         for name in ("step", "is_last", "log_pf_old", "reward", "traj_id", "prompt_id",
-                     "lookahead_reward_t", "lookahead_reward_next", "advantage"):
+                     "lookahead_reward_t", "lookahead_reward_next", "advantage", "grad_mask"):
             v = getattr(self, name)
             if v is not None and tuple(v.shape) != (N,):
                 raise ValueError(f"{name} must have shape [{N}], got {tuple(v.shape)}")
         _check_leading("cond", self.cond, N)
         if self.is_last.dtype != torch.bool:
             raise ValueError(f"is_last must be a bool tensor, got {self.is_last.dtype}")
+        if self.grad_mask is not None and self.grad_mask.dtype != torch.bool:
+            raise ValueError(f"grad_mask must be a bool tensor, got {self.grad_mask.dtype}")
 
     def __len__(self) -> int:
         return int(self.x_t.shape[0])

@@ -8,6 +8,7 @@ from gfnalign.objectives.heads import make_flow_score_head, make_log_flow_head
 from gfnalign.objectives.nabla_db import NablaDB
 from gfnalign.objectives.residual_nabla_db import ResidualNablaDB
 from gfnalign.objectives.reward_backprop import RewardBackprop
+from gfnalign.objectives.rtb import RTB
 
 __all__ = [
     "DAGDB",
@@ -18,6 +19,7 @@ __all__ = [
     "NablaDB",
     "Objective",
     "ResidualNablaDB",
+    "RTB",
     "RewardBackprop",
     "build_objective",
     "make_flow_score_head",

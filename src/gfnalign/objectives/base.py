@@ -42,6 +42,9 @@ class Objective(nn.Module):
     needs_reward_gradient: bool = False
     #: True when the objective uses the frozen reference policy (adapters off).
     needs_reference: bool = False
+    #: True when the loss needs every transition of a trajectory in the same batch (trajectory balance):
+    #: the training loops then cut micro-batches only at trajectory boundaries.
+    whole_trajectories: bool = False
 
     def prepare(self, traj: TrajectoryBatch) -> TrajectoryBatch:
         return traj

@@ -77,6 +77,26 @@ class DAGDB(TransitionObjective):
 
     Terminal rows never evaluate f_phi at the terminal state (its value would be discarded).
 
+    ``relative`` (default False): **prior-relative detailed balance**. P_B is replaced by the frozen
+    pretrained model's own forward kernel P_F^# (the policy with ``reference=True``, under no-grad)::
+
+        delta = log G(x_t) + log P_F^theta(x_next | x_t) - log P_F^#(x_next | x_t) - log G(x_next)
+        log G(x_final) = beta * reward,   log G(x) = f_phi(x, t, c) + beta * gamma_t * r_hat(x) elsewhere
+
+    Fixed point: delta = 0 on every transition telescopes along a trajectory to
+    P^theta(tau | x_start) = P^#(tau | x_start) * exp(beta * r(x_final)) / G(x_start), with
+    G(x) = E_#[exp(beta * r(x_final)) | x] the pretrained chain's soft value (what the head learns, on top of
+    the forward-looking guess beta * r(x̂0(x)), which is exactly log G when the pretrained x̂0 is
+    deterministic). No log p is needed and P_B does not appear. The terminal law is
+    ∫ N(x_start) p_#(x_final | x_start) R(x_final) / G(x_start) dx_start: the pretrained **sampler's** terminal
+    marginal tilted by R = exp(beta * r) exactly when G(x_start) does not depend on x_start (a start that
+    carries no memory of the image), a per-noise tilt otherwise (the value-function bias of Adjoint
+    Matching, arXiv 2409.08861; DESIGN.md §5). On images this is the only DAG form whose
+    target keeps the prior: ∝ p_#-sampler(x) * exp(beta * r(x)) (``mean`` reduction: exp(D * beta * r)).
+    Costs one extra no-grad pass of the frozen model per trained transition (``needs_reference`` is True).
+    Gradient table: as above, with ``log P_F^#`` in place of ``log P_B`` (a constant for θ and φ; the
+    reference is never trained).
+
     ``flow_gradient`` (how the head φ is fitted; θ's gradient is the same in all three):
 
     * ``"full"`` (default, the papers): through f_phi(x_t) and f_phi(x_next);
@@ -149,9 +169,16 @@ class DAGDB(TransitionObjective):
         flow_loss: str = "squared",
         exp_clamp: float = 0.7,
         policy_loss: str = "squared",
+        relative: bool = False,
         **common: Any,
     ):
         super().__init__(**common)
+        if not isinstance(relative, bool):
+            raise ValueError(f"relative={relative!r} must be true or false (true: balance against the frozen "
+                             "pretrained forward kernel instead of the noising P_B)")
+        self.relative = relative
+        # the frozen pretrained kernel P_F^# replaces P_B: the trainer must keep the reference available
+        self.needs_reference = relative
         check_choice("flow_loss", flow_loss, FLOW_LOSSES)
         if flow_loss == "exponential" and flow_gradient == "full":
             raise ValueError("flow_loss='exponential' fits log F(x_t) with log F(x_next) held fixed; it needs "
@@ -252,7 +279,12 @@ class DAGDB(TransitionObjective):
         eps, kernel = self.policy_kernel(policy, batch)
         red = self.log_prob_reduction
         log_pf = kernel.log_prob(batch.x_next, red)
-        log_pb = backward_kernel(batch.x_next, a, an).log_prob(x_t, red)
+        if self.relative:  # log P_F^#(x_next | x_t) of the frozen pretrained model, never trained
+            with torch.no_grad():
+                _, ref_kernel = self.policy_kernel(policy, batch, reference=True)
+                log_pb = ref_kernel.log_prob(batch.x_next, red)
+        else:
+            log_pb = backward_kernel(batch.x_next, a, an).log_prob(x_t, red)
         log_f_t, log_f_next = self.log_flows(batch, lookahead, beta, t, t_next, a, an)
         delta = log_f_t + log_pf - log_pb.detach() - log_f_next
         metrics = {

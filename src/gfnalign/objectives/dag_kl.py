@@ -58,6 +58,12 @@ class DAGKL(DAGDB):
     trust region                 yes            --
     ===========================  =============  =============
 
+    ``relative=True`` (prior-relative balance, see :class:`DAGDB`): log P_B is replaced by the frozen
+    pretrained kernel's log P_F^#(x_next | x_t) inside δ, so the REINFORCE gradient estimates
+    ∇_θ KL(P_F^θ(·|x_t) ‖ P_F^#(·|x_t)·G(·)/G(x_t)) and vanishes at the pretrained path measure tilted by
+    exp(beta·r): the terminal law is ∝ p_#-sampler·exp(beta·r) (up to the start's value-function bias).
+    log P_F^# is a constant for θ and φ.
+
     The flow options of DAG-DB apply unchanged (``flow_gradient``, ``target_ema``, ``gamma``, ``flow_loss``, the head).
 
     Choices (spec/dag.md §8.5): the RLOO group is the whole transition batch passed in (mixed

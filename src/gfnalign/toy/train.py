@@ -40,7 +40,8 @@ from gfnalign.toy.world import (
 )
 
 METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "ddpo", "reward-backprop")
-#: methods whose fixed point is ∝ R alone: the toy hands them r + log p_f / β so the target is p_f·exp(βr)
+#: methods whose fixed point is ∝ R alone (Lebesgue target): the toy hands them r + log p_f / β so the target
+#: is p_f·exp(βr). dag-db / dag-kl with ``objective.relative: true`` are prior-relative and get the plain r.
 PRIOR_IN_REWARD = ("dag-db", "dag-kl", "nabla-db")
 #: methods that maximise the reward (no exact target; the toy reports their drift)
 BASELINES = ("ddpo", "reward-backprop")
@@ -121,6 +122,24 @@ def method_config(method: str, overrides: dict[str, Any] | None = None) -> dict[
     return cfg
 
 
+def needs_prior_in_reward(method: str, cfg: dict[str, Any]) -> bool:
+    """True when the method targets exp(β·r) against Lebesgue measure, so the toy adds log p_f/β to its
+    reward; False for the prior-relative methods (their target is the pretrained sampler tilted by exp(β·r))
+    and the reward maximisers."""
+    return method in PRIOR_IN_REWARD and not cfg["objective"].get("relative", False)
+
+
+def reward_description(method: str, cfg: dict[str, Any]) -> str:
+    """One line for ``gfnalign toy``: which reward the method is trained on, and why."""
+    if needs_prior_in_reward(method, cfg):
+        return ("reward handed to the method: r + log p_f/β (its fixed point is ∝ exp(β·r) against Lebesgue "
+                "measure, so the toy supplies the prior's log-density; on images there is none)")
+    if method in BASELINES:
+        return "reward handed to the method: plain r (a reward maximiser: no exact target)"
+    return ("reward handed to the method: plain r (prior-relative: its fixed point is the pretrained sampler "
+            "tilted by exp(β·r), as on images)")
+
+
 def _beta_at(update: int, beta: float, anneal_updates: int) -> float:
     if anneal_updates <= 0:
         return beta
@@ -154,7 +173,7 @@ def train(
     schedule = toy_schedule(cfg["num_steps"])
     policy = ToyPolicy(mixture, schedule, hidden=cfg["hidden"], depth=cfg["depth"],
                        parametrization=cfg["parametrization"])
-    prior = method in PRIOR_IN_REWARD
+    prior = needs_prior_in_reward(method, cfg)
     if method not in REGISTRY:  # registers the objective if the package __init__ does not yet
         import importlib
 
@@ -305,6 +324,7 @@ def run_toy(
     result["seed"] = seed
     result["skipped_updates"] = info["skipped"]
     result["config"] = info["config"]
+    result["prior_in_reward"] = needs_prior_in_reward(method, info["config"])
     # a diverged policy yields NaN samples; report it rather than hide it
     result["diverged"] = not all(math.isfinite(v) for v in (result["energy_distance"], result["mode_mass_tv"]))
     return result

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 #: The objectives this trainer knows how to drive (the registry may add more).
-KNOWN_METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "ddpo", "reward-backprop")
+KNOWN_METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "rtb", "ddpo", "reward-backprop")
 BACKBONE_KINDS = ("digits", "sd", "python")
 BETA_SCHEDULES = ("constant", "linear")
 LOOKAHEAD_MODES = ("cached", "recompute")
@@ -83,7 +83,7 @@ class SamplingConfig:
 @dataclass
 class TrainingConfig:
     epochs: int = 10
-    micro_batch: int = 16  # transitions per forward/backward
+    micro_batch: int = 16  # transitions per forward/backward (rounded down to whole trajectories, at least one, for rtb)
     grad_accum: int = 1  # micro-batches per optimiser update
     lr: float = 1e-3  # policy (LoRA) learning rate
     lr_heads: float = 1e-3

@@ -714,7 +714,17 @@ class Trainer:
     def _split(self, batch: TransitionBatch) -> list[list[TransitionBatch]]:
         t = self.cfg.training
         n = len(batch)
-        micro = [batch.index(torch.arange(s, min(s + t.micro_batch, n))) for s in range(0, n, t.micro_batch)]
+        size = t.micro_batch
+        if getattr(self.objective, "whole_trajectories", False):
+            # a declared requirement (trajectory balance): cut only at trajectory boundaries, rounding the
+            # micro-batch down to whole trajectories (at least one)
+            counts = torch.unique_consecutive(batch.traj_id, return_counts=True)[1]
+            per = int(counts[0])
+            if bool((counts != per).any()):
+                raise ValueError("the objective needs whole trajectories but its transitions are not grouped in "
+                                 "runs of equal length per trajectory")
+            size = max(1, size // per) * per
+        micro = [batch.index(torch.arange(s, min(s + size, n))) for s in range(0, n, size)]
         updates = [micro[i:i + t.grad_accum] for i in range(0, len(micro), t.grad_accum)]
         if t.max_updates_per_epoch is not None:
             updates = updates[: t.max_updates_per_epoch]
