@@ -6,6 +6,12 @@ the "## Toy exactness" section of BENCHMARKS.md (other sections are kept).
 
     .venv/bin/python benchmarks/toy_exactness.py --write            # all cases x all methods
     .venv/bin/python benchmarks/toy_exactness.py --cases ring4-linear --methods dag-db --jobs 2
+    .venv/bin/python benchmarks/toy_exactness.py --random 10 --methods rtb dag-db-relative --jobs 2 --write
+
+``--random N`` replaces the named cases by N cases of the seeded random family
+(:func:`gfnalign.toy.cases.random_case`, seeds ``--first-seed`` .. +N−1, dimension ``--dim``) and adds a
+median / worst summary per method; ``--write`` then replaces the "## Toy exactness: random cases" section.
+Method names ``dag-db-relative`` / ``dag-kl-relative`` run dag-db / dag-kl with ``objective.relative=true``.
 
 Cases (files written to --workdir):
 * ``ring4-linear``: 4 modes at (±2, ±2), std 0.5, r = x₁ + 0.5 x₂, β = 0.5 (target mass 0.64/0.24/0.09/0.03).
@@ -27,7 +33,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["residual-nabla-db", "dag-db", "nabla-db", "dag-kl", "ddpo", "reward-backprop"]
+METHODS = ["residual-nabla-db", "dag-db", "nabla-db", "dag-kl", "rtb", "dag-db-relative", "dag-kl-relative", "ddpo",
+           "reward-backprop"]
+#: benchmark names for a method run with extra ``--set`` options
+VARIANTS = {"dag-db-relative": ("dag-db", ["objective.relative=true"]),
+            "dag-kl-relative": ("dag-kl", ["objective.relative=true"])}
+RANDOM_SECTION = "## Toy exactness: random cases"
 GRID = [[x, y] for x in (-2.5, 0.0, 2.5) for y in (-2.5, 0.0, 2.5)]
 SIGNS8 = [[1, 1, 1, 1, -1, -1, 1, -1], [1, -1, 1, -1, 1, 1, -1, -1], [-1, 1, -1, -1, 1, -1, 1, 1], [-1, -1, -1, 1, -1, 1, -1, 1]]
 CASES = {
@@ -102,7 +113,7 @@ Findings (seed 0, 2026-11-24, fourth session; every row re-run with the 10⁵-sa
 
 
 def run_one(case: str, method: str, workdir: Path, seed: int, threads: int, reuse: bool = False) -> dict:
-    mix, reward, beta = CASES[case]
+    mix, reward, beta = CASES[case][:3]
     done = workdir / f"{case}.{method}.result.json"
     if reuse and done.exists():
         return json.loads(done.read_text())
@@ -110,8 +121,11 @@ def run_one(case: str, method: str, workdir: Path, seed: int, threads: int, reus
     mix_path.write_text(json.dumps(mix))
     reward_path.write_text(json.dumps(reward))
     out = workdir / f"{case}.{method}.json"
-    cmd = [sys.executable, "-m", "gfnalign", "toy", "--method", method, "--mixture", str(mix_path),
+    base, sets = VARIANTS.get(method, (method, []))
+    cmd = [sys.executable, "-m", "gfnalign", "toy", "--method", base, "--mixture", str(mix_path),
            "--reward", str(reward_path), "--beta", str(beta), "--seed", str(seed), "--json", str(out), "--quiet"]
+    for item in sets:
+        cmd += ["--set", item]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -119,7 +133,7 @@ def run_one(case: str, method: str, workdir: Path, seed: int, threads: int, reus
     if proc.returncode != 0:
         return {"case": case, "method": method, "error": proc.stderr.strip().splitlines()[-1:] or ["failed"], "wall": wall}
     res = json.loads(out.read_text())
-    res.update(case=case, wall=wall)
+    res.update(case=case, wall=wall, method=method)
     done.write_text(json.dumps(res, indent=2))
     return res
 
@@ -147,6 +161,50 @@ def table(results: list[dict]) -> str:
     return head + "\n" + "\n".join(fmt_row(r) for r in results)
 
 
+def summary(results: list[dict]) -> str:
+    """Median and worst mode-mass TV (and ED / oracle ED) per method over the cases run."""
+    import statistics
+
+    rows = ["| method | cases | TV median | TV worst (case) | ED/oracle median | ED/oracle worst | train s median / max |",
+            "|---|---|---|---|---|---|---|"]
+    for method in dict.fromkeys(r["method"] for r in results):
+        ok = [r for r in results if r["method"] == method and "error" not in r]
+        failed = sum(1 for r in results if r["method"] == method and "error" in r)
+        if not ok:
+            rows.append(f"| {method} | 0 ({failed} failed) | | | | | |")
+            continue
+        tv = [r["mode_mass_tv"] for r in ok]
+        worst = max(ok, key=lambda r: r["mode_mass_tv"])
+        ratio = [r["energy_distance"] / r["energy_distance_oracle"] for r in ok
+                 if r.get("energy_distance_oracle", 0) > 0]
+        secs = [r["train_seconds"] for r in ok]
+        rows.append(f"| {method} | {len(ok)}{f' ({failed} failed)' if failed else ''} | {statistics.median(tv):.3f} | "
+                    f"{worst['mode_mass_tv']:.3f} ({worst['case']}) | "
+                    f"{statistics.median(ratio) if ratio else float('nan'):.1f} | {max(ratio) if ratio else float('nan'):.1f} | "
+                    f"{statistics.median(secs):.0f} / {max(secs):.0f} |")
+    return "\n".join(rows)
+
+
+def add_random_cases(n: int, dim: int, first_seed: int) -> list[str]:
+    """Register ``n`` random cases (seeds first_seed..) in CASES; returns their names."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from gfnalign.toy.cases import random_case
+
+    names = []
+    for seed in range(first_seed, first_seed + n):
+        mix, reward, beta, info = random_case(seed, dim)
+        name = f"rand-d{dim}-s{seed}"
+        CASES[name] = (mix, reward, beta, info)
+        names.append(name)
+    return names
+
+
+def case_line(name: str) -> str:
+    info = CASES[name][3]
+    return (f"* `{name}`: {info['components']} components, {info['covariance']} covariances, {info['reward']} reward, "
+            f"β = {info['beta']:.3g}, the tilt moves {info['moved']:.2f} of the mass")
+
+
 def machine() -> str:
     import torch
 
@@ -161,9 +219,9 @@ def machine() -> str:
     return f"{os.cpu_count()}-core {cpu}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def write_section(text: str, path: Path) -> None:
+def write_section(text: str, path: Path, section: str = SECTION) -> None:
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
     block = text.rstrip() + "\n\n"
     new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
     path.write_text(new)
@@ -172,6 +230,9 @@ def write_section(text: str, path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--random", type=int, default=0, metavar="N", help="run N cases of the random family instead")
+    ap.add_argument("--dim", type=int, default=2, help="dimension of the random cases (default 2)")
+    ap.add_argument("--first-seed", type=int, default=0, help="seed of the first random case (default 0)")
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (each gets --threads threads)")
@@ -181,6 +242,8 @@ def main() -> int:
     ap.add_argument("--reuse", action="store_true", help="reuse finished runs found in --workdir")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.random:
+        args.cases = add_random_cases(args.random, args.dim, args.first_seed)
     pairs = [(c, m) for c in args.cases for m in args.methods]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(lambda cm: run_one(cm[0], cm[1], args.workdir, args.seed, args.threads, args.reuse), pairs))
@@ -188,6 +251,19 @@ def main() -> int:
     cmd = "python benchmarks/toy_exactness.py " + " ".join(sys.argv[1:])
     text = table(results)
     print(text)
+    if args.random:
+        summ = summary(results)
+        print()
+        print(summ)
+        if args.write:
+            body = (f"{RANDOM_SECTION} (d = {args.dim})\n\nEach method with its `gfnalign toy` defaults (seed {args.seed}) on "
+                    f"{args.random} cases of the seeded random family (`gfnalign.toy.cases.random_case`, seeds "
+                    f"{args.first_seed}–{args.first_seed + args.random - 1}, d = {args.dim}). Command: `{cmd}` "
+                    f"({args.jobs} run(s) at a time, {args.threads} thread(s) each). Machine: {machine()}, shared with "
+                    "other jobs, so seconds are noisy.\n\n" + "\n".join(case_line(c) for c in args.cases) + "\n\n"
+                    + summ + "\n\n" + text + "\n")
+            write_section(body, ROOT / "BENCHMARKS.md", f"{RANDOM_SECTION} (d = {args.dim})")
+        return 0
     if args.write:
         body = (f"{SECTION}\n\nEvery method of `gfnalign toy` (its defaults, seed {args.seed}) against the exact tilted "
                 f"target of each case. Command: `{cmd}` (each run is `gfnalign toy --method M --mixture CASE.mix.json "

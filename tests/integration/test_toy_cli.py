@@ -6,7 +6,7 @@ import pytest
 
 from gfnalign.cli.main import main
 
-METHODS = ["dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "ddpo", "reward-backprop"]
+METHODS = ["dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "rtb", "ddpo", "reward-backprop"]
 KEYS = {"method", "beta", "train_seconds", "mode_mass", "mode_mass_tv", "energy_distance",
         "energy_distance_floor", "reward_mean"}
 
@@ -44,3 +44,21 @@ def test_toy_smoke(files, method, capsys):
     # the exact tilted-ε sampler is near the target (400 samples: mass noise ~0.02 per mode)
     assert res["mode_mass_tv_oracle"] < 0.08 and res["energy_distance_oracle"] < 0.05
     assert "mode-mass TV" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("method", "sets", "prior"), [("dag-db", [], True), ("dag-db", ["objective.relative=true"], False),
+                                                      ("rtb", [], False), ("residual-nabla-db", [], False)])
+def test_toy_says_which_reward_each_method_gets_and_log_ratio_targets_the_mixture(files, method, sets, prior, capsys):
+    target = {"weights": [0.1, 0.2, 0.3, 0.4], "means": [[2, 2], [2, -2], [-2, 2], [-2, -2]], "stds": [0.5] * 4}
+    (files / "ratio.json").write_text(json.dumps({"type": "log_ratio", "target": target}))
+    out = files / "ratio.out.json"
+    extra = [a for s in sets for a in ("--set", s)]
+    rc = main(["toy", "--method", method, "--mixture", str(files / "mix.json"), "--reward", str(files / "ratio.json"),
+               "--beta", "1", "--steps", "1", "--samples", "400", "--json", str(out), "--set", "batch_size=16", *extra])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert ("r + log p_f/β" in err) == prior and ("plain r" in err) == (not prior)
+    res = json.loads(out.read_text())
+    assert res["prior_in_reward"] == prior
+    # the exact target is the log-ratio's mixture (masses from 2·10⁵ exact draws)
+    assert res["mode_mass"]["target"] == pytest.approx([0.1, 0.2, 0.3, 0.4], abs=0.005)

@@ -28,6 +28,9 @@ def _run(tmp_path, capsys, mix=MIX, reward=REWARD, extra=()):
         (MIX, {"type": "cubic"}, "type"),
         (MIX, {"type": "linear", "a": [1, 2, 3]}, ".a"),
         (MIX, {"type": "quadratic", "center": [0, 0], "scale": -1}, "scale"),
+        (MIX, {"type": "log_ratio"}, "'target'"),
+        (MIX, {"type": "log_ratio", "target": {"weights": [1.0], "means": [[0, 0, 0]], "stds": [1.0]}}, "dimension"),
+        (MIX, {"type": "log_ratio", "target": MIX}, "beta = 1"),  # _run passes --beta 0.5
         ("{not json", REWARD, "not valid JSON"),
     ],
 )

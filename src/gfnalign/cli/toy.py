@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "ddpo", "reward-backprop")
+METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "rtb", "ddpo", "reward-backprop")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixture", required=True, type=Path,
                         help='MIX.json: {"weights": [...], "means": [[...]], "stds": [...]} or "covs" instead of "stds"')
     parser.add_argument("--reward", required=True, type=Path,
-                        help='REWARD.json: {"type": "linear", "a": [...]} or {"type": "quadratic", "center": [...], "scale": s}')
+                        help='REWARD.json: {"type": "linear", "a": [...]}, {"type": "quadratic", "center": [...], "scale": s} '
+                             'or {"type": "log_ratio", "target": MIX} (r = log q - log p: the target is MIX exactly; --beta 1 only)')
     parser.add_argument("--beta", required=True, type=float, help="inverse temperature: target ∝ p(x)·exp(β r(x))")
     parser.add_argument("--steps", type=int, default=None, help="training updates (default: the method's tuned default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of training and evaluation (default 0)")
@@ -69,9 +70,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         mixture = GaussianMixture.from_spec(_load_json(args.mixture, "mixture"), source=str(args.mixture))
-        reward = reward_from_spec(_load_json(args.reward, "reward"), mixture.dim, source=str(args.reward))
         if not args.beta > 0:
             raise ValueError(f"--beta {args.beta}: must be a positive number")
+        reward = reward_from_spec(_load_json(args.reward, "reward"), mixture.dim, source=str(args.reward),
+                                  base=mixture, beta=args.beta)
         if args.steps is not None and args.steps < 0:
             raise ValueError(f"--steps {args.steps}: must be >= 0")
         if args.samples < 2:

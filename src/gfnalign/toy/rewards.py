@@ -5,6 +5,10 @@
 * quadratic ``r(x) = -‖x - c‖² / (2 s²)``: ``N(x; μ_k, Σ_k) exp(β r(x)) ∝ N(x; μ_k, Σ_k) N(x; c, (s²/β) I)``,
   a product of Gaussians: precision ``P_k = Σ_k⁻¹ + (β/s²) I``, mean ``P_k⁻¹(Σ_k⁻¹μ_k + (β/s²) c)``,
   weight ``∝ w_k N(μ_k; c, Σ_k + (s²/β) I)`` (needs β > 0).
+* log-ratio ``r(x) = log q_f(x) − log p_f(x)`` for a target mixture q (``{"type": "log_ratio", "target": MIX}``):
+  p_f and q_f are the pretrained data mixture and q noised to the chain's final alpha-bar, so at β = 1 the
+  tilt ``p_f·exp(r)`` is q_f exactly: any mixture is a case. Other β are rejected (the tilt is then not a
+  mixture).
 
 ``tilt(mixture, beta)`` returns the mixture proportional to ``p(x) exp(β r(x))`` (float64).
 """
@@ -19,7 +23,9 @@ import torch
 
 from gfnalign.toy.mixture import DTYPE, GaussianMixture, _numeric
 
-REWARD_TYPES = ("linear", "quadratic")
+REWARD_TYPES = ("linear", "quadratic", "log_ratio")
+#: the final alpha-bar of the toy's default grid (alphas_cumprod[0] of linear betas from 1e-4)
+DEFAULT_FINAL_ALPHA_BAR = 1.0 - 1e-4
 
 
 @dataclass(frozen=True)
@@ -93,16 +99,87 @@ class QuadraticReward:
         return {"type": "quadratic", "center": self.center.tolist(), "scale": self.scale}
 
 
-ToyReward = LinearReward | QuadraticReward
+@dataclass(frozen=True)
+class LogRatioReward:
+    """``r(x) = log q_f(x) − log p_f(x)``: q the (clean) target mixture, p the (clean) pretrained data mixture,
+    both noised to ``final_alpha_bar`` (the chain's terminal level). Valid at β = 1 only, where the tilt of
+    p_f is q_f exactly."""
+
+    target: GaussianMixture
+    base: GaussianMixture
+    final_alpha_bar: float = DEFAULT_FINAL_ALPHA_BAR
+
+    def __post_init__(self) -> None:
+        if self.target.dim != self.base.dim:
+            raise ValueError(f"log_ratio reward: the target mixture has dimension {self.target.dim} but the "
+                             f"pretrained mixture has {self.base.dim}")
+        object.__setattr__(self, "_q", self.target.noised(self.final_alpha_bar))
+        object.__setattr__(self, "_p", self.base.noised(self.final_alpha_bar))
+
+    @property
+    def dim(self) -> int:
+        return self.target.dim
+
+    def with_final_alpha_bar(self, alpha_bar: float) -> LogRatioReward:
+        """The same reward for a chain that ends at ``alpha_bar``."""
+        if float(alpha_bar) == self.final_alpha_bar:
+            return self
+        return LogRatioReward(self.target, self.base, float(alpha_bar))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (self._q.log_prob(x) - self._p.log_prob(x)).to(x.dtype)
+
+    def grad(self, x: torch.Tensor) -> torch.Tensor:
+        return (self._q.score(x) - self._p.score(x)).to(x.dtype)
+
+    def tilt(self, mix: GaussianMixture, beta: float) -> GaussianMixture:
+        if beta != 1:
+            raise ValueError(f"beta={beta}: a log_ratio reward targets its mixture exactly only at beta = 1 "
+                             "(p·exp(β(log q − log p)) is not a mixture otherwise); use --beta 1")
+        return self._q
+
+    def to_spec(self) -> dict[str, Any]:
+        return {"type": "log_ratio", "target": self.target.to_spec()}
 
 
-def reward_from_spec(spec: Mapping[str, Any], dim: int | None = None, *, source: str = "reward") -> ToyReward:
-    """Build from the ``REWARD.json`` content; ``dim`` (the mixture's d) is checked when given."""
+ToyReward = LinearReward | QuadraticReward | LogRatioReward
+
+
+def bind_final_alpha_bar(reward: ToyReward, alpha_bar: float) -> ToyReward:
+    """``reward`` for a chain whose terminal level is ``alpha_bar`` (only the log-ratio reward depends on it)."""
+    if isinstance(reward, LogRatioReward):
+        return reward.with_final_alpha_bar(alpha_bar)
+    return reward
+
+
+def reward_from_spec(
+    spec: Mapping[str, Any], dim: int | None = None, *, source: str = "reward", base: GaussianMixture | None = None,
+    beta: float | None = None,
+) -> ToyReward:
+    """Build from the ``REWARD.json`` content; ``dim`` (the mixture's d) is checked when given.
+
+    A ``log_ratio`` reward needs ``base``, the pretrained data mixture; ``beta`` (when given) is checked
+    against it (only 1 is valid)."""
     if not isinstance(spec, Mapping):
         raise ValueError(f"{source}: expected a JSON object with a 'type' field ({' or '.join(REWARD_TYPES)})")
     kind = spec.get("type")
     if kind not in REWARD_TYPES:
         raise ValueError(f"{source}.type={kind!r} is not a known reward type; use one of {', '.join(REWARD_TYPES)}")
+    if kind == "log_ratio":
+        unknown = set(spec) - {"type", "target"}
+        if unknown:
+            raise ValueError(f"{source}: unknown field(s) {sorted(unknown)} for a log_ratio reward; it takes 'target'")
+        if "target" not in spec:
+            raise ValueError(f"{source}: a log_ratio reward needs field 'target' (a mixture like MIX.json)")
+        if base is None:
+            raise ValueError(f"{source}: a log_ratio reward needs the pretrained mixture (pass base=)")
+        target = GaussianMixture.from_spec(spec["target"], source=f"{source}.target")
+        if dim is not None and target.dim != dim:
+            raise ValueError(f"{source}.target has dimension {target.dim} but the mixture has dimension {dim}")
+        if beta is not None and beta != 1:
+            raise ValueError(f"{source}: a log_ratio reward targets its mixture exactly only at beta = 1, got "
+                             f"beta={beta}; use --beta 1")
+        return LogRatioReward(target=target, base=base)
     if kind == "linear":
         unknown = set(spec) - {"type", "a"}
         if unknown:

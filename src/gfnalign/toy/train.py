@@ -29,7 +29,7 @@ import torch
 
 from gfnalign.toy.metrics import energy_distance, mode_mass, total_variation
 from gfnalign.toy.mixture import DTYPE, GaussianMixture
-from gfnalign.toy.rewards import ToyReward
+from gfnalign.toy.rewards import ToyReward, bind_final_alpha_bar
 from gfnalign.toy.world import (
     ToyLookahead,
     ToyPolicy,
@@ -39,7 +39,7 @@ from gfnalign.toy.world import (
     toy_schedule,
 )
 
-METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "ddpo", "reward-backprop")
+METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "rtb", "ddpo", "reward-backprop")
 #: methods whose fixed point is ∝ R alone (Lebesgue target): the toy hands them r + log p_f / β so the target
 #: is p_f·exp(βr). dag-db / dag-kl with ``objective.relative: true`` are prior-relative and get the plain r.
 PRIOR_IN_REWARD = ("dag-db", "dag-kl", "nabla-db")
@@ -81,6 +81,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "nabla-db": {
         "objective": {"gamma": "one", "forward_control": "antithetic"},
         "updates": 1200, "batch_size": 256, "lr": 1e-3, "head_lr": 1e-3, "lookahead_model": "reference",
+    },
+    # relative trajectory balance: the gradient through 20% of each trajectory's steps (×K/J), the others read
+    # from the rollout (exact: one update per rollout, on-policy); log Z is one scalar (unconditional world)
+    "rtb": {
+        "objective": {"grad_fraction": 0.2, "detached_log_pf": "recorded"},
+        "updates": 1500, "batch_size": 256, "lr": 1e-3, "head_lr": 3e-2, "lookahead_model": "reference",
     },
     # reward maximisers: the linear reward is unbounded, so a small lr and few updates keep the drift finite
     "ddpo": {
@@ -171,6 +177,7 @@ def train(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     schedule = toy_schedule(cfg["num_steps"])
+    reward = bind_final_alpha_bar(reward, final_alpha_bar(schedule))
     policy = ToyPolicy(mixture, schedule, hidden=cfg["hidden"], depth=cfg["depth"],
                        parametrization=cfg["parametrization"])
     prior = needs_prior_in_reward(method, cfg)
@@ -270,6 +277,7 @@ def evaluate(
     chain_seed = seed + 1_000_003
     gen = torch.Generator().manual_seed(chain_seed)
     p_final = mixture.noised(final_alpha_bar(policy.schedule))
+    reward = bind_final_alpha_bar(reward, final_alpha_bar(policy.schedule))
     target = reward.tilt(p_final, beta)
     finetuned = sample_chain(policy, samples, gen)
     pretrained = sample_chain(policy, samples, gen, reference=True)
