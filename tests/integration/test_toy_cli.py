@@ -62,3 +62,22 @@ def test_toy_says_which_reward_each_method_gets_and_log_ratio_targets_the_mixtur
     assert res["prior_in_reward"] == prior
     # the exact target is the log-ratio's mixture (masses from 2·10⁵ exact draws)
     assert res["mode_mass"]["target"] == pytest.approx([0.1, 0.2, 0.3, 0.4], abs=0.005)
+
+
+@pytest.mark.parametrize("sets", [["objective.log_z=start"], ["objective.log_z=start", "start=tilted"]])
+def test_toy_sd_schedule_and_tilted_start(files, sets, capsys):
+    out = files / "sd.json"
+    extra = [a for s in sets for a in ("--set", s)]
+    rc = main(["toy", "--method", "rtb", "--mixture", str(files / "mix.json"), "--reward", str(files / "reward.json"),
+               "--beta", "0.5", "--steps", "2", "--samples", "400", "--json", str(out), "--set", "batch_size=16",
+               "--set", "noise_schedule=sd", "--set", "num_steps=20", *extra, "--quiet"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["config"]["noise_schedule"] == "sd" and res["config"]["start"] == ("tilted" if len(sets) == 2 else "noise")
+    assert not res["diverged"]
+
+
+def test_toy_tilted_start_needs_a_start_value(files, capsys):
+    rc = main(["toy", "--method", "residual-nabla-db", "--mixture", str(files / "mix.json"), "--reward",
+               str(files / "reward.json"), "--beta", "0.5", "--steps", "1", "--set", "start=tilted"])
+    assert rc == 2 and "start='tilted' needs" in capsys.readouterr().err

@@ -45,6 +45,8 @@ class Objective(nn.Module):
     #: True when the loss needs every transition of a trajectory in the same batch (trajectory balance):
     #: the training loops then cut micro-batches only at trajectory boundaries.
     whole_trajectories: bool = False
+    #: True when :meth:`log_start_weight` returns a learned value (a tilted start is possible).
+    learns_start_value: bool = False
 
     def prepare(self, traj: TrajectoryBatch) -> TrajectoryBatch:
         return traj
@@ -62,6 +64,14 @@ class Objective(nn.Module):
 
     def after_optimizer_step(self) -> None:
         """Called by the training loops after every optimizer step (e.g. to move a target network)."""
+
+    def log_start_weight(
+        self, policy: PolicyModel, lookahead: Lookahead | None, x: torch.Tensor, cond: Any, *, beta: float
+    ) -> torch.Tensor | None:
+        """``[N]`` log of (the start law this objective's optimum needs) / N(0, I) at start states ``x``, up to a
+        constant, or None when the objective learns no value at the start (see
+        :mod:`gfnalign.sampling.start`: sampling with it removes the value-function bias)."""
+        return None
 
 
 # name -> factory(**options) -> Objective ; filled by each objective module at import.

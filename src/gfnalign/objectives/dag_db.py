@@ -23,6 +23,7 @@ from gfnalign.objectives.common import (
     check_terminal_reward,
     gamma_weight,
     lookahead_pair,
+    lookahead_reward,
 )
 from gfnalign.objectives.heads import make_log_flow_head
 
@@ -152,6 +153,7 @@ class DAGDB(TransitionObjective):
     name = "dag-db"
     needs_reward_gradient = False
     needs_reference = False
+    learns_start_value = True
 
     def __init__(
         self,
@@ -293,6 +295,27 @@ class DAGDB(TransitionObjective):
             "policy/log_pf_mean": float(log_pf.detach().mean()),
         }
         return delta, log_pf, eps, metrics
+
+    @torch.no_grad()
+    def log_start_weight(
+        self, policy: PolicyModel, lookahead: Lookahead | None, x: torch.Tensor, cond: Any, *, beta: float
+    ) -> torch.Tensor:
+        """``[N]`` importance log-weight of start states ``x`` against N(0, I) for the law the balanced chain needs
+        at its first step: ``relative``: log G(x) (the start ∝ N(0, I)·G gives the pretrained path measure tilted
+        by exp(β·r)); otherwise log F(x) + ½‖x‖² (the start ∝ F gives the target ∝ R). ``mean`` reduction: the
+        learned flow is in units of 1/D and is multiplied back by D."""
+        n = x.shape[0]
+        step = torch.zeros(n, dtype=torch.int64, device=x.device)
+        t, _, a, _ = policy.schedule.at_steps(step, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        log_f = self.log_flow_head(x, t, cond).to(a.dtype)
+        if self.forward_looking:
+            no_term = torch.zeros(n, dtype=torch.bool, device=x.device)
+            r = lookahead_reward(lookahead, None, x, t, cond, no_term, torch.ones_like(no_term)).to(a.dtype)
+            log_f = log_f + beta * gamma_weight(self.gamma, a) * r
+        log_f = log_f / self.reduction_scale(x)
+        if self.relative:
+            return log_f
+        return log_f + 0.5 * x.detach().to(a.dtype).flatten(1).pow(2).sum(1)
 
     def flow_fit(self, delta_head: torch.Tensor) -> torch.Tensor:
         """[N] the head's loss on a residual that carries only φ's gradient (``flow_loss``)."""

@@ -144,6 +144,7 @@ class RTB(TransitionObjective):
         check_choice("log_z", log_z, LOG_Z_MODES)
         check_choice("detached_log_pf", detached_log_pf, DETACHED_LOG_PF)
         self.log_z_mode = log_z
+        self.learns_start_value = log_z == "start"
         self.detached_log_pf = detached_log_pf
         grad_fraction = float(grad_fraction)
         if not 0.0 < grad_fraction <= 1.0:  # also rejects NaN
@@ -187,6 +188,14 @@ class RTB(TransitionObjective):
             return None
         t = policy.schedule.timesteps[:1].to(x.device).expand(x.shape[0])
         return self.log_z(x, t, cond)
+
+    @torch.no_grad()
+    def log_start_weight(
+        self, policy: PolicyModel, lookahead: Lookahead | None, x: torch.Tensor, cond: Any, *, beta: float
+    ) -> torch.Tensor | None:
+        """log G(x_start) (log_z="start"; in units of D·log P with ``mean`` reduction), else None."""
+        value = self.log_start_value(policy, x, cond)
+        return None if value is None else value / self.reduction_scale(x)
 
     # -- the loss -------------------------------------------------------------------------------------------
     def _segments(self, batch: TransitionBatch, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:

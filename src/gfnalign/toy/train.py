@@ -31,6 +31,7 @@ from gfnalign.toy.metrics import energy_distance, mode_mass, total_variation
 from gfnalign.toy.mixture import DTYPE, GaussianMixture
 from gfnalign.toy.rewards import ToyReward, bind_final_alpha_bar
 from gfnalign.toy.world import (
+    NOISE_SCHEDULES,
     ToyLookahead,
     ToyPolicy,
     final_alpha_bar,
@@ -100,7 +101,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 _LOOP_KEYS = ("updates", "batch_size", "lr", "head_lr", "lookahead_model", "anneal_updates", "grad_clip",
               "prior_flow", "updates_per_rollout", "weight_decay", "hidden", "depth", "num_steps",
-              "parametrization", "lr_decay")
+              "parametrization", "lr_decay", "noise_schedule", "start", "start_candidates")
+#: "noise": the fine-tuned chain starts from N(0, I) (as trained); "tilted": evaluation draws its start
+#: ∝ N(0, I)·G(x_start) with the objective's learned start value (sampling-importance-resampling over
+#: ``start_candidates`` proposals per sample), which removes the value-function bias (gfnalign.sampling.start)
+STARTS = ("noise", "tilted")
 
 
 def method_config(method: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -118,6 +123,9 @@ def method_config(method: str, overrides: dict[str, Any] | None = None) -> dict[
     cfg.setdefault("num_steps", 50)
     cfg.setdefault("parametrization", "score")
     cfg.setdefault("lr_decay", "cosine")
+    cfg.setdefault("noise_schedule", "linear")
+    cfg.setdefault("start", "noise")
+    cfg.setdefault("start_candidates", 16)
     for key, value in (overrides or {}).items():
         if key == "objective":
             cfg["objective"].update(value)
@@ -125,6 +133,17 @@ def method_config(method: str, overrides: dict[str, Any] | None = None) -> dict[
             cfg[key] = value
         else:
             raise ValueError(f"unknown toy training option {key!r}; allowed: objective, {', '.join(_LOOP_KEYS)}")
+    if cfg["start"] not in STARTS:
+        raise ValueError(f"start={cfg['start']!r} is not allowed; use one of {', '.join(STARTS)}")
+    if isinstance(cfg["start_candidates"], bool) or not isinstance(cfg["start_candidates"], int) \
+            or cfg["start_candidates"] < 1:
+        raise ValueError(f"start_candidates={cfg['start_candidates']!r} must be a positive integer (proposals per sample)")
+    if cfg["start"] == "tilted" and not (method in ("dag-db", "dag-kl")
+                                         or (method == "rtb" and cfg["objective"].get("log_z") == "start")):
+        raise ValueError(f"start='tilted' needs an objective that learns a value at the start state (dag-db, dag-kl, "
+                         f"or rtb with objective.log_z=start); {method} with {cfg['objective']} learns none")
+    if cfg["noise_schedule"] not in NOISE_SCHEDULES:
+        raise ValueError(f"noise_schedule={cfg['noise_schedule']!r} is not allowed; use one of {', '.join(NOISE_SCHEDULES)}")
     return cfg
 
 
@@ -176,7 +195,7 @@ def train(
         raise ValueError(f"steps={updates} must be >= 0")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    schedule = toy_schedule(cfg["num_steps"])
+    schedule = toy_schedule(cfg["num_steps"], noise_schedule=cfg["noise_schedule"])
     reward = bind_final_alpha_bar(reward, final_alpha_bar(schedule))
     policy = ToyPolicy(mixture, schedule, hidden=cfg["hidden"], depth=cfg["depth"],
                        parametrization=cfg["parametrization"])
@@ -190,6 +209,22 @@ def train(
         policy, reward, model=cfg["lookahead_model"], prior_scale=(1.0 / beta) if prior else 0.0,
         prior_flow=cfg["prior_flow"], gamma=getattr(objective, "gamma", "one") if prior else "one",
     )
+    start_sampler = None
+    if cfg["start"] == "tilted":
+        from gfnalign.sampling.start import resample_start
+
+        if objective.log_start_weight(policy, lookahead, torch.zeros(1, mixture.dim, dtype=DTYPE), None,
+                                      beta=beta) is None:
+            raise ValueError(f"start='tilted' needs an objective that learns a value at the start state "
+                             f"(dag-db / dag-kl, rtb with objective.log_z=start); {method} with "
+                             f"{cfg['objective']} learns none")
+        M = int(cfg["start_candidates"])
+
+        def start_sampler(m: int, generator: torch.Generator | None) -> torch.Tensor:
+            cand = torch.randn(m * M, mixture.dim, dtype=DTYPE, generator=generator)
+            log_w = objective.log_start_weight(policy, lookahead, cand, None, beta=beta)
+            return resample_start(cand, log_w, M, generator)
+
     groups = [{"params": list(policy.correction.parameters()), "lr": cfg["lr"]}]
     head_params = [p for m in objective.trainable_modules().values() for p in m.parameters()]
     if head_params:
@@ -247,7 +282,8 @@ def train(
         if log is not None and (u % log_every == 0 or u == updates - 1):
             log(u, last)
     seconds = time.perf_counter() - start
-    return policy, {"train_seconds": seconds, "updates": updates, "skipped": skipped, "last": last, "config": cfg}
+    return policy, {"train_seconds": seconds, "updates": updates, "skipped": skipped, "last": last, "config": cfg,
+                    "start": start_sampler}
 
 
 def evaluate(
@@ -259,6 +295,7 @@ def evaluate(
     samples: int = 100_000,
     seed: int = 0,
     target_mass_samples: int = 200_000,
+    start: Callable[[int, torch.Generator | None], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Mode masses, energy distances and reward means of the fine-tuned sampler vs the exact target.
 
@@ -279,7 +316,7 @@ def evaluate(
     p_final = mixture.noised(final_alpha_bar(policy.schedule))
     reward = bind_final_alpha_bar(reward, final_alpha_bar(policy.schedule))
     target = reward.tilt(p_final, beta)
-    finetuned = sample_chain(policy, samples, gen)
+    finetuned = sample_chain(policy, samples, gen, start=start)
     pretrained = sample_chain(policy, samples, gen, reference=True)
     target_x = target.sample(samples, gen)
     untilted_x = p_final.sample(samples, gen)
@@ -327,7 +364,7 @@ def run_toy(
     """Train then evaluate; returns the OUT.json dict of ``gfnalign toy`` (DESIGN.md §6) plus extras."""
     policy, info = train(method, mixture, reward, beta, steps=steps, seed=seed, config=config, log=log)
     result = {"method": method, "beta": float(beta), "train_seconds": info["train_seconds"]}
-    result.update(evaluate(policy, mixture, reward, beta, samples=samples, seed=seed))
+    result.update(evaluate(policy, mixture, reward, beta, samples=samples, seed=seed, start=info["start"]))
     result["updates"] = info["updates"]
     result["seed"] = seed
     result["skipped_updates"] = info["skipped"]

@@ -42,9 +42,18 @@ LOOKAHEAD_MODELS = ("reference", "policy")
 PRIOR_FLOWS = ("marginal", "x0hat")
 
 
-def toy_schedule(num_steps: int = 50, num_train_timesteps: int = 1000) -> NoiseSchedule:
-    """Linear betas 1e-4..0.02, leading spacing with steps_offset=1, final alpha-bar = alphas_cumprod[0]."""
-    betas = make_betas("linear", num_train_timesteps, 1e-4, 0.02)
+#: "linear": betas 1e-4..0.02 (DDPM's; the first state keeps √ᾱ ≈ 0.008 of the data at 50 steps, so the start
+#: is practically memoryless); "sd": Stable Diffusion 1.x's scaled-linear 0.00085..0.012 (also the digits
+#: world's), whose first state keeps √ᾱ ≈ 0.076 (50 steps) / 0.090 (20 steps): the value-function bias shows.
+NOISE_SCHEDULES = {"linear": ("linear", 1e-4, 0.02), "sd": ("scaled_linear", 0.00085, 0.012)}
+
+
+def toy_schedule(num_steps: int = 50, num_train_timesteps: int = 1000, noise_schedule: str = "linear") -> NoiseSchedule:
+    """Leading spacing with steps_offset=1, final alpha-bar = alphas_cumprod[0], betas per ``noise_schedule``."""
+    if noise_schedule not in NOISE_SCHEDULES:
+        raise ValueError(f"noise_schedule={noise_schedule!r}; use one of {', '.join(NOISE_SCHEDULES)}")
+    kind, start, end = NOISE_SCHEDULES[noise_schedule]
+    betas = make_betas(kind, num_train_timesteps, start, end)
     alphas_cumprod = torch.cumprod(1.0 - betas.double(), dim=0)
     return NoiseSchedule.from_alphas_cumprod(
         alphas_cumprod, num_steps, timestep_spacing="leading", steps_offset=1, final_alpha_cumprod=None
@@ -276,14 +285,17 @@ def sample_chain(
     reference: bool = False,
     eta: float = 1.0,
     batch_size: int = 8192,
+    start: Any = None,
 ) -> torch.Tensor:
-    """[n, d] final states of the ancestral sampler (DDPM / DDIM-η) with the policy or the exact model."""
+    """[n, d] final states of the ancestral sampler (DDPM / DDIM-η) with the policy or the exact model.
+
+    ``start(m, generator) -> [m, d]`` draws the first states (default: N(0, I))."""
     sched = policy.schedule
     d = policy.mixture.dim
     out = []
-    for start in range(0, n, batch_size):
-        m = min(batch_size, n - start)
-        x = torch.randn(m, d, dtype=DTYPE, generator=generator)
+    for offset in range(0, n, batch_size):
+        m = min(batch_size, n - offset)
+        x = torch.randn(m, d, dtype=DTYPE, generator=generator) if start is None else start(m, generator)
         for k in range(sched.num_steps):
             t = sched.timesteps[k].expand(m)
             eps = policy.eps(x, t, None, reference=reference)

@@ -35,6 +35,7 @@ BETA_SCHEDULES = ("constant", "linear")
 LOOKAHEAD_MODES = ("cached", "recompute")
 LOOKAHEAD_MODELS = ("policy", "reference")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+SAMPLING_STARTS = ("noise", "tilted")
 DTYPES = ("float32", "bfloat16", "float16")
 REDUCTIONS = ("sum", "mean")
 ON_BAD_REWARD = ("skip", "stop")
@@ -78,6 +79,10 @@ class SamplingConfig:
     log_prob_reduction: str = "sum"
     batch_size: int = 8  # trajectories per sampling batch, per process
     batches_per_epoch: int = 2
+    # "noise": x_start ~ N(0, I); "tilted": x_start ∝ N(0, I)·G(x_start) by resampling start_candidates proposals
+    # with the objective's learned start value (removes the value-function bias; gfnalign.sampling.start)
+    start: str = "noise"
+    start_candidates: int = 8
 
 
 @dataclass
@@ -363,6 +368,8 @@ def validate(cfg: TrainConfig) -> None:
             "1 is DDPM's posterior)"
         )
     _choice("sampling.log_prob_reduction", s.log_prob_reduction, REDUCTIONS)
+    _choice("sampling.start", s.start, SAMPLING_STARTS)
+    _positive("sampling.start_candidates", s.start_candidates)
     _positive("sampling.batch_size", s.batch_size)
     _positive("sampling.batches_per_epoch", s.batches_per_epoch)
 

@@ -199,6 +199,11 @@ class Trainer:
         self.all_prompts = prompt_list(self.prompt_set)
         self.objective.to(self.device)
         self.objective.train()
+        if cfg.sampling.start == "tilted" and not getattr(self.objective, "learns_start_value", False):
+            raise ValueError(f"sampling.start=tilted needs an objective that learns a value at the start state "
+                             f"(dag-db / dag-kl, rtb with log_z: start); method {cfg.method.name!r} with options "
+                             f"{cfg.method.options} learns none: use sampling.start: noise")
+        self._beta = beta_at(cfg, self.epoch)
         self.counters = Counters()
         self.policy = CountingPolicy(self.backbone, self.counters)
         self.lookahead = RewardLookahead(self.backbone, self.reward, model=cfg.lookahead.model,
@@ -320,13 +325,32 @@ class Trainer:
         return torch.Generator(device=dev).manual_seed(derive_seed(self.cfg.seed, *parts))
 
     @torch.no_grad()
+    def _tilted_start(self, texts: list[str], cond: Any, gen: torch.Generator) -> torch.Tensor:
+        """Start states ∝ N(0, I)·G(x_start): ``start_candidates`` noises per prompt, resampled by the objective's
+        learned start value (gfnalign.sampling.start)."""
+        from gfnalign.sampling.start import resample_start
+
+        M = self.cfg.sampling.start_candidates
+        cand = self.backbone.initial_noise(len(texts) * M, gen)
+        cond_rep = cond.repeat_interleave(M, dim=0) if isinstance(cond, torch.Tensor) else cond
+        self.lookahead.set_prompts(cond, list(texts))
+        with self.accelerator.autocast():
+            log_w = self.objective.log_start_weight(self.policy, self.lookahead, cand, cond_rep, beta=self._beta)
+        if log_w is None:  # setup() checked learns_start_value
+            raise RuntimeError(f"{self.cfg.method.name}: log_start_weight returned None")
+        return resample_start(cand, log_w.float(), M, gen)
+
+    @torch.no_grad()
     def _rollout(self, texts: list[str], prompt_ids: torch.Tensor, traj_ids: torch.Tensor,
                  gen: torch.Generator, *, progress: bool) -> tuple[TrajectoryBatch, torch.Tensor]:
         from gfnalign.sampling import rollout
 
         cond = self.backbone.encode_prompts(texts)
-        x_init = self.backbone.initial_noise(len(texts), gen)
         def sample() -> tuple[TrajectoryBatch, torch.Tensor]:
+            if self.cfg.sampling.start == "tilted" and not getattr(self, "_pretrained_eval", False):
+                x_init = self._tilted_start(texts, cond, gen)
+            else:
+                x_init = self.backbone.initial_noise(len(texts), gen)
             with self.accelerator.autocast():
                 traj = rollout(self.policy, cond, x_init, eta=self.cfg.sampling.eta,
                                reduction=self.cfg.sampling.log_prob_reduction, generator=gen,
@@ -789,6 +813,7 @@ class Trainer:
         while self.epoch < cfg.training.epochs:
             epoch = self.epoch
             beta = beta_at(cfg, epoch)
+            self._beta = beta
             resume_state, self._resume_epoch_state = self._resume_epoch_state, None
             if resume_state is not None:
                 updates = [[TransitionBatch(**d) for d in mbs] for mbs in resume_state["updates"]]
