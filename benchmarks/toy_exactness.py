@@ -37,7 +37,11 @@ METHODS = ["residual-nabla-db", "dag-db", "nabla-db", "dag-kl", "rtb", "dag-db-r
            "reward-backprop"]
 #: benchmark names for a method run with extra ``--set`` options
 VARIANTS = {"dag-db-relative": ("dag-db", ["objective.relative=true"]),
-            "dag-kl-relative": ("dag-kl", ["objective.relative=true"])}
+            "dag-kl-relative": ("dag-kl", ["objective.relative=true"]),
+            # the tilted start (also reports the same chain from N(0, I): OUT.json "noise_start")
+            "dag-db-relative-tilted": ("dag-db", ["objective.relative=true", "start=tilted"]),
+            "rtb-start-tilted": ("rtb", ["objective.log_z=start", "start=tilted"])}
+METHODS += [m for m in VARIANTS if m not in METHODS]
 RANDOM_SECTION = "## Toy exactness: random cases"
 GRID = [[x, y] for x in (-2.5, 0.0, 2.5) for y in (-2.5, 0.0, 2.5)]
 SIGNS8 = [[1, 1, 1, 1, -1, -1, 1, -1], [1, -1, 1, -1, 1, 1, -1, -1], [-1, 1, -1, -1, 1, -1, 1, 1], [-1, -1, -1, 1, -1, 1, -1, 1]]
@@ -59,6 +63,24 @@ CASES = {
     ),
 }
 SECTION = "## Toy exactness"
+
+
+def _sd_start_case() -> tuple[dict, dict, float]:
+    """4 modes at ±1 sign patterns in 32-D (std 0.5), r = aᵀx with |a| = 0.5 along s₀ − s₃, β = 1: on the SD grid
+    (20 steps, first state √ᾱ = 0.09) the per-noise tilt moves about 0.03 of the mode mass off the global tilt."""
+    import random
+
+    rng = random.Random(7)
+    signs = [[rng.choice((-1.0, 1.0)) for _ in range(32)] for _ in range(4)]
+    diff = [a - b for a, b in zip(signs[0], signs[3], strict=True)]
+    norm = sum(v * v for v in diff) ** 0.5
+    return ({"weights": [0.25] * 4, "means": signs, "stds": [0.5] * 4},
+            {"type": "linear", "a": [0.5 * v / norm for v in diff]}, 1.0)
+
+
+CASES["sdstart-d32-linear"] = _sd_start_case()
+#: extra ``--set`` options of a case (the SD-like start: Stable Diffusion's scaled-linear grid, 20 steps)
+CASE_SETS = {"sdstart-d32-linear": ["noise_schedule=sd", "num_steps=20"]}
 NOTES = """Reading the table:
 * Target: the exact tilt p_f(x)·exp(β r(x)) of the terminal marginal p_f (the data mixture noised to the
   final ᾱ = alphas_cumprod[0] = 1 − 1e-4 of the 50-step DDPM grid; every step, the last included, is
@@ -124,7 +146,7 @@ def run_one(case: str, method: str, workdir: Path, seed: int, threads: int, reus
     base, sets = VARIANTS.get(method, (method, []))
     cmd = [sys.executable, "-m", "gfnalign", "toy", "--method", base, "--mixture", str(mix_path),
            "--reward", str(reward_path), "--beta", str(beta), "--seed", str(seed), "--json", str(out), "--quiet"]
-    for item in sets:
+    for item in sets + CASE_SETS.get(case, []):
         cmd += ["--set", item]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.perf_counter()

@@ -74,6 +74,7 @@ def test_toy_sd_schedule_and_tilted_start(files, sets, capsys):
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["config"]["noise_schedule"] == "sd" and res["config"]["start"] == ("tilted" if len(sets) == 2 else "noise")
+    assert ("noise_start" in res) == (len(sets) == 2)  # the tilted run also reports the N(0, I) start
     assert not res["diverged"]
 
 

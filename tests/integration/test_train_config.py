@@ -25,6 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
         ("sampling.colour=red", "sampling.colour", None),
         ("method.options.not_an_option=1", "method.options.not_an_option", "1"),
         ("reward=no-such-reward", "reward", "'no-such-reward'"),
+        ("sampling.start=fixed", "sampling.start", "'fixed'"),
+        ("sampling.start_candidates=0", "sampling.start_candidates", "0"),
     ],
 )
 def test_bad_values_name_field_value_and_allowed(override, field, value_text):

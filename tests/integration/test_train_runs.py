@@ -52,6 +52,23 @@ def test_residual_with_decoupled_head_trains_through_the_trainer(pipeline, tmp_p
     assert rows[-1]["loss/rev"] > 0  # the head's bootstrap target J_#ᵀψ(x_next) is not zero
 
 
+@pytest.mark.parametrize(("method", "options"), [("rtb", {"log_z": "start", "grad_fraction": 0.5}),
+                                                ("dag-db", {"relative": True})])
+def test_tilted_start_trains_through_the_trainer(pipeline, tmp_path, method, options):
+    cfg = TrainConfig.from_dict(tiny_config(pipeline, method, options, sampling={"start": "tilted", "start_candidates": 3},
+                                            training={"epochs": 1, "micro_batch": 4, "max_updates_per_epoch": 1}))
+    run = tmp_path / "run"
+    assert Trainer(cfg, run).train() == 0
+    rows = metrics_rows(run)
+    assert rows and math.isfinite(rows[-1]["loss/total"])
+
+
+def test_tilted_start_is_rejected_for_an_objective_without_a_start_value(pipeline, tmp_path):
+    cfg = TrainConfig.from_dict(tiny_config(pipeline, "rtb", {}, sampling={"start": "tilted"}))
+    with pytest.raises(ValueError, match="sampling.start=tilted needs"):
+        Trainer(cfg, tmp_path / "run").train()
+
+
 def _resume_cfg(pipeline: Path, flow_gradient: str = "full") -> TrainConfig:
     return TrainConfig.from_dict(tiny_config(
         pipeline, "dag-db", {"fraction": 0.5, "flow_gradient": flow_gradient},

@@ -103,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
     if "energy_distance_oracle" in result:
         print(f"exact tilted-eps sampler (discretisation floor of the target)  mode-mass TV "
               f"{result['mode_mass_tv_oracle']:.4f}  energy distance {result['energy_distance_oracle']:.5f}")
+    if "noise_start" in result:
+        ns = result["noise_start"]
+        print(f"same fine-tuned chain started from N(0, I) instead of the tilted start  mode-mass TV "
+              f"{ns['mode_mass_tv']:.4f}  energy distance {ns['energy_distance']:.5f}")
     rm = result["reward_mean"]
     print(f"reward mean  target {rm['target']:.4f}  finetuned {rm['finetuned']:.4f}  pretrained {rm['pretrained']:.4f}")
     if result.get("diverged"):

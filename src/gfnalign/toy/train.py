@@ -365,6 +365,10 @@ def run_toy(
     policy, info = train(method, mixture, reward, beta, steps=steps, seed=seed, config=config, log=log)
     result = {"method": method, "beta": float(beta), "train_seconds": info["train_seconds"]}
     result.update(evaluate(policy, mixture, reward, beta, samples=samples, seed=seed, start=info["start"]))
+    if info["start"] is not None:  # the same fine-tuned chain from N(0, I): what the tilted start removes
+        plain = evaluate(policy, mixture, reward, beta, samples=samples, seed=seed)
+        result["noise_start"] = {"mode_mass_tv": plain["mode_mass_tv"], "energy_distance": plain["energy_distance"],
+                                 "mode_mass": plain["mode_mass"]["finetuned"]}
     result["updates"] = info["updates"]
     result["seed"] = seed
     result["skipped_updates"] = info["skipped"]
