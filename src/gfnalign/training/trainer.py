@@ -633,7 +633,12 @@ class Trainer:
         from gfnalign.training.report import diversity, save_grid
 
         prompts = self._eval_prompts(self.cfg.logging.eval_samples)
-        images, rewards = self.generate(prompts, "report")
+        # the "before" report shows the pretrained sampler, whose start is N(0, I) (no learned start value yet)
+        self._pretrained_eval = tag == "before"
+        try:
+            images, rewards = self.generate(prompts, "report")
+        finally:
+            self._pretrained_eval = False
         if not self.is_main:  # took part in the sampling of sharded weights; rank 0 reports
             return {}
         fx = self._feature_fn()
