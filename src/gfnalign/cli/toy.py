@@ -6,7 +6,12 @@ exact target (DESIGN.md §6). Stable contract:
 
 ``--steps`` is the number of training updates (default: the method's tuned default). ``--set KEY=VALUE``
 (repeatable, optional) overrides a default of the toy loop (``lr``, ``batch_size``, ...) or of the
-objective (``objective.gamma=one``); values are parsed as JSON when they can be.
+objective (``objective.gamma=one``); values are parsed as JSON when they can be. Examples:
+``--set objective.relative=true`` (prior-relative DAG), ``--set noise_schedule=sd --set num_steps=20``
+(Stable Diffusion's grid, whose first state keeps signal), ``--set start=tilted`` (start ∝ N(0, I)·G with the
+learned start value). REWARD.json may also be ``{"type": "log_ratio", "target": MIX}`` (β = 1: the target is
+MIX exactly). The command prints which reward the method is trained on (plain r for the prior-relative
+methods, r + log p/β for the Lebesgue-target ones).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ One update (``--steps`` counts these):
 
     x_init ~ N(0, I)                                 [B, d]
     traj   = rollout(policy, None, x_init)           (DDPM, eta = 1, summed log-probs)
-    traj.reward = r_eff(traj.final)                  (r, or r + log p_f / β for dag-db / dag-kl / nabla-db)
+    traj.reward = r_eff(traj.final)                  (r; r + log p_f / β for the Lebesgue-target methods:
+                                                      dag-db / dag-kl without ``relative``, nabla-db)
     traj.lookahead_reward = r_eff(x̂0(state))         (cached lookahead at every state)
     traj   = objective.prepare(traj)
     batch  = objective.select_transitions(traj, generator)

@@ -11,10 +11,15 @@ noised to the final alpha-bar, ``p_f = noised(p_data, alphas_cumprod[0])`` — i
 closed form comes from the reward's ``tilt``. The exact-ε sampler differs from p_f by discretisation
 error only; the toy measures that floor.
 
-**One target for all methods.** Methods whose fixed point is ``∝ R`` (dag-db, dag-kl, nabla-db) get
-``log R = log p_f + β r``: objectives compute ``β · reward``, so the reward handed to them is
-``r + log p_f / β`` (``prior_scale = 1/β``). residual-nabla-db (fixed point ``∝ p_pretrained · R``), ddpo
-and reward-backprop get the plain r.
+**One target for all methods.** Methods whose fixed point is ``∝ R`` against Lebesgue measure (dag-db,
+dag-kl, nabla-db) get ``log R = log p_f + β r``: objectives compute ``β · reward``, so the reward handed to
+them is ``r + log p_f / β`` (``prior_scale = 1/β``), which no image model could supply. The prior-relative
+methods (residual-nabla-db, rtb, dag-db / dag-kl with ``relative: true``; fixed point ``∝ p_#-sampler · R``),
+ddpo and reward-backprop get the plain r, as on images.
+
+**The start.** With the default linear betas the first state keeps √ᾱ ≈ 0.008 of the data, so a fixed
+N(0, I) start is practically memoryless. ``noise_schedule="sd"`` uses Stable Diffusion's scaled-linear grid
+(√ᾱ ≈ 0.08 at the first state), where the per-noise tilt of a fixed start (the value-function bias) shows.
 
 **Lookahead.** ``r(x̂0(x))`` with x̂0 from the frozen exact model (``model="reference"``, the
 prototype's best setting) or from the current policy (``model="policy"``, the papers' code). With a
