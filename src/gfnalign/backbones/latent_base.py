@@ -19,7 +19,7 @@ not depend on how a family conditions its denoiser:
 A family subclass (:mod:`~gfnalign.backbones.sd`, :mod:`~gfnalign.backbones.sdxl`) supplies the text side
 and the denoiser call: ``_encode(prompts) -> cond [B, L, D]``, ``_negative_cond() -> [1, L, D]``,
 ``_unet_out(unet, x, t, cond) -> model output``, ``cond_dim``, ``pipeline()``, and for loading
-``_pipeline_class()`` / ``_pipeline_parts`` / ``_components(pipe)``.
+``pipeline_class_name`` / ``_pipeline_parts`` / ``_components(pipe)``.
 
 Shapes: ``x`` ``[N, C, h, w]`` latents (float32 in, float32 out), ``t`` ``[N]`` int64 diffusion timesteps,
 ``cond`` ``[N, L, D]`` from :meth:`encode_prompts`.
@@ -145,6 +145,8 @@ class LatentDiffusionBackbone(nn.Module):
 
     #: human name of the family, for messages
     family = "latent diffusion"
+    #: the diffusers pipeline class (in ``diffusers``) that loads this family's folders and LoRA files
+    pipeline_class_name = "StableDiffusionPipeline"
     #: subfolders a local pipeline folder must hold
     _pipeline_parts: tuple[str, ...] = ("unet", "vae", "scheduler")
 
@@ -203,7 +205,10 @@ class LatentDiffusionBackbone(nn.Module):
         self.image_size = image_size
         self.latent_shape = (int(unet.config.in_channels), h, h)
         self.schedule = schedule_from_scheduler_config(scheduler, num_inference_steps)
-        self.init_noise_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
+        # The kernels run in the variance-preserving parametrisation whatever scheduler class the folder
+        # names, so x_T ~ N(0, I); Euler-type schedulers' init_noise_sigma (≈ 14.6 for SDXL's config) is
+        # for their sigma space and does not apply.
+        self.init_noise_sigma = 1.0
 
         # frozen base weights in `dtype` (the VAE in float32 where float16 would overflow)
         move_module(vae.requires_grad_(False).eval(), device, vae_dtype_for(vae, dtype))
@@ -242,9 +247,11 @@ class LatentDiffusionBackbone(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def _pipeline_class(cls) -> Any:  # pragma: no cover - abstract
-        """The diffusers pipeline class that loads this family's folders and its LoRA files."""
-        raise NotImplementedError
+    def _pipeline_class(cls) -> Any:
+        """The diffusers pipeline class named by ``pipeline_class_name``."""
+        import diffusers
+
+        return getattr(diffusers, cls.pipeline_class_name)
 
     @classmethod
     def _components(cls, pipe: Any) -> dict[str, Any]:  # pragma: no cover - abstract

@@ -56,6 +56,7 @@ class StableDiffusionBackbone(LatentDiffusionBackbone):
     """
 
     family = "Stable Diffusion"
+    pipeline_class_name = "StableDiffusionPipeline"
     _pipeline_parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
     def __init__(
@@ -91,12 +92,6 @@ class StableDiffusionBackbone(LatentDiffusionBackbone):
         self.negative_prompt = negative_prompt
 
     # -- construction ----------------------------------------------------------------------------------
-    @classmethod
-    def _pipeline_class(cls) -> Any:
-        from diffusers import StableDiffusionPipeline
-
-        return StableDiffusionPipeline
-
     @classmethod
     def _components(cls, pipe: Any) -> dict[str, Any]:
         return {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer,

@@ -1,6 +1,7 @@
 """Turn a validated :class:`TrainConfig` into the four things the trainer drives.
 
-``build_components`` loads the backbone (shipped digits model, a Stable Diffusion folder / hub id, or any
+``build_components`` loads the backbone (shipped digits model, a Stable Diffusion 1.x/2.x or SDXL folder / hub
+id (the family read from the folder's model_index.json, :mod:`gfnalign.backbones.families`), or any
 ``module:function`` returning an object with the backbone interface), the reward, the prompt set and the
 objective (with heads shaped for the backbone). Keyword options are filtered against each factory's
 signature, so factories only receive what they accept.
@@ -75,10 +76,10 @@ def build_backbone(cfg: TrainConfig, device: torch.device | str) -> Any:
         from gfnalign.backbones.digits import load_digits_backbone
 
         return load_digits_backbone(cfg.backbone.path, **kw)
-    if kind == "sd":
-        from gfnalign.backbones.sd import StableDiffusionBackbone
+    if kind in ("sd", "sdxl"):
+        from gfnalign.backbones.families import backbone_class
 
-        fn = StableDiffusionBackbone.from_pretrained
+        fn = backbone_class(kind, cfg.backbone.path).from_pretrained
         return fn(cfg.backbone.path, **filter_kwargs(fn, kw))
     fn = import_object(str(cfg.backbone.path))
     return fn(**filter_kwargs(fn, kw))

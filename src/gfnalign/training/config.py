@@ -30,7 +30,7 @@ import yaml
 
 #: The objectives this trainer knows how to drive (the registry may add more).
 KNOWN_METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "rtb", "ddpo", "reward-backprop")
-BACKBONE_KINDS = ("digits", "sd", "python")
+BACKBONE_KINDS = ("digits", "sd", "sdxl", "python")
 BETA_SCHEDULES = ("constant", "linear")
 LOOKAHEAD_MODES = ("cached", "recompute")
 LOOKAHEAD_MODELS = ("policy", "reference")
@@ -47,7 +47,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class BackboneConfig:
-    kind: str = "digits"  # digits (shipped tiny model) | sd (diffusers folder / hub id) | python
+    kind: str = "digits"  # digits (shipped) | sd (diffusers folder / hub id; SDXL folders detected) | sdxl | python
     path: str | None = None  # sd: folder or hub id; python: "module:function" returning a backbone
     dtype: str = "float32"  # dtype of the frozen weights
     lora_rank: int = 4
@@ -330,9 +330,16 @@ def validate(cfg: TrainConfig) -> None:
     """Check every value that can be checked without loading a model. Raises :class:`ConfigError`."""
     b = cfg.backbone
     _choice("backbone.kind", b.kind, BACKBONE_KINDS)
-    if b.kind in ("sd", "python") and not b.path:
-        what = "a diffusers folder or hub id" if b.kind == "sd" else "'module:function'"
+    if b.kind in ("sd", "sdxl", "python") and not b.path:
+        what = "'module:function'" if b.kind == "python" else "a diffusers folder or hub id"
         raise ConfigError(f"backbone.path={b.path!r} is not allowed for backbone.kind={b.kind}; give {what}")
+    if b.kind in ("sd", "sdxl"):
+        from gfnalign.backbones.families import resolve_family
+
+        try:
+            resolve_family(b.kind, b.path)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if b.kind == "python" and ":" not in str(b.path):
         raise ConfigError(f"backbone.path={b.path!r} must look like 'package.module:function' for kind python")
     _choice("backbone.dtype", b.dtype, DTYPES)

@@ -724,6 +724,7 @@ class Trainer:
     def _model_card(self) -> str:
         c = self.cfg
         base = c.backbone.path or ("gfnalign shipped digits pipeline" if c.backbone.kind == "digits" else c.backbone.kind)
+        pipeline_class = str(getattr(self.backbone, "pipeline_class_name", "StableDiffusionPipeline"))
         return "\n".join([
             "---", "library_name: diffusers", "tags: [lora, text-to-image, gflownet, gfnalign]", "---", "",
             f"# LoRA: {c.run_name}", "",
@@ -731,8 +732,8 @@ class Trainer:
             f"({c.beta.schedule}), {self.step} optimiser updates over {self.epoch} epochs.", "",
             f"Base model: `{base}`. LoRA rank {c.backbone.lora_rank}, alpha {c.backbone.lora_alpha}, "
             f"targets {', '.join(c.backbone.lora_targets)}.", "",
-            "```python", "from diffusers import StableDiffusionPipeline",
-            f"pipe = StableDiffusionPipeline.from_pretrained({base!r})",
+            "```python", f"from diffusers import {pipeline_class}",
+            f"pipe = {pipeline_class}.from_pretrained({base!r})",
             "pipe.load_lora_weights('path/to/this/folder')  # pytorch_lora_weights.safetensors", "```", "",
             "`heads.safetensors` holds the objective's flow heads (only needed to continue training).", "",
         ])
