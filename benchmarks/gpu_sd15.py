@@ -159,8 +159,11 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, *, name: str = "gpu_sd15", label: str = "SD1.5-size",
+         builder: Any = None, doc: str | None = None) -> int:
+    """The benchmark loop; ``benchmarks/gpu_sdxl.py`` runs it with SDXL-sized components (``builder``)."""
+    builder = builder or build_backbone
+    p = argparse.ArgumentParser(description=(doc or __doc__).split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--batches", default="1,2,4,8,16", help="batch sizes to try, ascending")
     p.add_argument("--steps", type=int, default=20, help="sampling steps per trajectory (papers: 50)")
@@ -174,32 +177,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cuda (default) or cpu (only with --tiny in practice)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU smoke mode)")
     p.add_argument("--tiny", action="store_true", help="tiny components at 32 px (smoke test)")
-    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "out" / "gpu_sd15.json")
+    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "out" / f"{name}.json")
     args = p.parse_args(argv)
 
     if args.device is None:
         if not torch.cuda.is_available():
-            print("gpu_sd15: CUDA is not available on this machine; this benchmark needs a GPU "
-                  "(run `python benchmarks/gpu_sd15.py --device cpu --tiny` for a smoke test).")
+            print(f"{name}: CUDA is not available on this machine; this benchmark needs a GPU "
+                  f"(run `python benchmarks/{name}.py --device cpu --tiny` for a smoke test).")
             return 0
         args.device = "cuda"
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"gpu_sd15: --device {args.device} requested but CUDA is not available; nothing to do.")
+        print(f"{name}: --device {args.device} requested but CUDA is not available; nothing to do.")
         return 0
     if device.type == "cpu" and not args.tiny:
-        print("gpu_sd15: SD1.5 at 512 px on the CPU would take hours; add --tiny for the smoke mode.")
+        print(f"{name}: {label} models on the CPU would take hours; add --tiny for the smoke mode.")
         return 2
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     batches = sorted(int(b) for b in args.batches.split(","))
 
     t_build = time.perf_counter()
-    backbone = build_backbone(args.tiny, device, dtype, args.steps, args.guidance, args.gradient_checkpointing)
+    backbone = builder(args.tiny, device, dtype, args.steps, args.guidance, args.gradient_checkpointing)
     reward = build_reward(args.tiny, device)
-    print(f"built {'tiny' if args.tiny else 'SD1.5-size'} components in {time.perf_counter() - t_build:.1f}s "
+    print(f"built {'tiny' if args.tiny else label} components in {time.perf_counter() - t_build:.1f}s "
           f"({sum(p.numel() for p in backbone.unet.parameters()) / 1e6:.0f}M UNet params incl. LoRA)", flush=True)
     lora_state = backbone.trainable_state_dict()
 

@@ -54,7 +54,8 @@ def _write(cfg: dict, path: Path) -> Path:
 def test_list_shows_methods_rewards_prompts_presets():
     out = _gfnalign("list")
     assert out.returncode == 0, out.stderr
-    for word in ("residual-nabla-db", "reward-backprop", "digit-alignment", "digits", "sd15-aesthetic-dag-db"):
+    for word in ("residual-nabla-db", "reward-backprop", "digit-alignment", "digits", "sd15-aesthetic-dag-db",
+                 "sdxl-aesthetic-dag-db", "sdxl-hpsv2-residual-nabla-db"):
         assert word in out.stdout
 
 

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
         ("reward=no-such-reward", "reward", "'no-such-reward'"),
         ("sampling.start=fixed", "sampling.start", "'fixed'"),
         ("sampling.start_candidates=0", "sampling.start_candidates", "0"),
+        ("backbone.image_size=0", "backbone.image_size", "0"),
     ],
 )
 def test_bad_values_name_field_value_and_allowed(override, field, value_text):
@@ -68,6 +69,34 @@ def test_every_preset_validates_and_files_match_the_generator():
             assert path.read_text() == render(data), f"{path} is stale: run python -m gfnalign.training.presets"
             TrainConfig.load(path)
 
+
+
+def test_sdxl_presets_are_the_sd15_methods_at_1024px_with_equal_budgets():
+    presets = all_presets()
+    sdxl = {n for n in presets if n.startswith("sdxl-")}
+    assert sdxl == {"sdxl-" + n[len("sd15-"):] for n in presets if n.startswith("sd15-")}
+    for name in sdxl:
+        xl, sd = presets[name], presets["sd15-" + name[len("sdxl-"):]]
+        b = xl["backbone"]
+        assert (b["kind"], b["image_size"], b["dtype"], b["gradient_checkpointing"]) == ("sdxl", 1024, "bfloat16", True)
+        assert xl["method"] == sd["method"] and xl["beta"] == sd["beta"] and xl["reward"] == sd["reward"]
+        assert xl["training"]["lr"] == sd["training"]["lr"] and xl["training"]["epochs"] == sd["training"]["epochs"]
+        s_xl, s_sd = xl["sampling"], sd["sampling"]
+        assert s_xl["batch_size"] * s_xl["batches_per_epoch"] == s_sd["batch_size"] * s_sd["batches_per_epoch"]
+        t_xl, t_sd = xl["training"], sd["training"]
+        assert t_xl["micro_batch"] * t_xl["grad_accum"] == t_sd["micro_batch"] * t_sd["grad_accum"]
+        assert t_xl["micro_batch"] <= 2 and s_xl["batch_size"] <= 4
+
+
+def test_backbone_kind_sdxl_rejects_a_folder_declaring_another_pipeline(tmp_path):
+    folder = tmp_path / "sd15"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    with pytest.raises(ConfigError, match="backbone.kind: sd"):
+        TrainConfig.from_dict({"backbone": {"kind": "sdxl", "path": str(folder)}})
+    with pytest.raises(ConfigError, match="backbone.path"):
+        TrainConfig.from_dict({"backbone": {"kind": "sdxl"}})
+    assert TrainConfig.from_dict({"backbone": {"kind": "sd", "path": str(folder)}}).backbone.kind == "sd"
 
 
 def _preset(name):

@@ -66,6 +66,7 @@ def backbone_kwargs(cfg: TrainConfig, device: torch.device | str) -> dict[str, A
         lora_targets=list(b.lora_targets),
         full_finetune=b.full_finetune,
         gradient_checkpointing=b.gradient_checkpointing,
+        **({} if b.image_size is None else {"image_size": b.image_size}),
     )
 
 

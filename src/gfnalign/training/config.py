@@ -56,6 +56,7 @@ class BackboneConfig:
     full_finetune: bool = False
     gradient_checkpointing: bool = False
     heads: str = "generic"  # generic: the objective builds its heads from state_shape; backbone: backbone.make_*_head()
+    image_size: int | None = None  # pixels per side; None: the model's native size (UNet sample_size x VAE factor)
 
 
 @dataclass
@@ -344,6 +345,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"backbone.path={b.path!r} must look like 'package.module:function' for kind python")
     _choice("backbone.dtype", b.dtype, DTYPES)
     _choice("backbone.heads", b.heads, ("backbone", "generic"))
+    if b.image_size is not None and (isinstance(b.image_size, bool) or not isinstance(b.image_size, int)
+                                     or b.image_size <= 0):
+        raise ConfigError(f"backbone.image_size={b.image_size!r} must be a positive int (e.g. 1024 for SDXL) or null")
     if not b.full_finetune:
         _positive("backbone.lora_rank", b.lora_rank)
         _positive("backbone.lora_alpha", b.lora_alpha)

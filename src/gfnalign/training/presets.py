@@ -3,6 +3,7 @@
 * ``DEMO``: the embedded default of ``gfnalign demo`` (residual ∇-DB on the shipped digits model with the
   digit-alignment reward; sized to finish in a few minutes on two CPU cores).
 * ``digits-<method>``: every method on the digits world at an equal budget (the methods table in miniature).
+* ``sdxl-<reward>-<method>``: the same rewards and methods on SDXL base at 1024 px (:func:`sdxl_preset`).
 * ``sd15-<reward>-<method>``: Stable Diffusion 1.5 presets mirroring the papers' defaults
   (spec/dag.md §5, spec/nabla_gfn.md §6.3, DDPO and DRaFT/ReFL where stated). The authors' code averages
   log-probs over the latent (``log_prob_reduction: mean``), so their β is kept together with that reduction
@@ -162,11 +163,45 @@ def sd15_preset(reward: str, method: str) -> dict[str, Any]:
     return cfg
 
 
+# -- Stable Diffusion XL --------------------------------------------------------------------------------
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+#: Transitions per optimiser step stay those of the SD1.5 preset; SDXL's micro-batches are smaller
+#: (a 2.6 B-parameter UNet on 4×128×128 latents; CFG doubles every pass): trained transitions per micro-batch.
+_SDXL_MICRO = {"dag-db": 2, "dag-kl": 2, "ddpo": 2, "nabla-db": 1, "residual-nabla-db": 1, "reward-backprop": 1}
+_SDXL_SAMPLING_BATCH = 4  # trajectories per sampling batch and process (latents 4× SD1.5's area)
+
+
+def sdxl_preset(reward: str, method: str) -> dict[str, Any]:
+    """The SD1.5 preset of ``(reward, method)`` moved to SDXL base at 1024 px.
+
+    Same objective, options, β, learning rates and epochs, and the same trajectories per epoch and
+    transitions per optimiser step (smaller sampling and micro-batches, more of them). Memory: frozen weights
+    in bf16, LoRA in fp32, gradient checkpointing on (docs/sdxl.md). With ``log_prob_reduction: mean`` β means
+    what it means for SD1.5; with ``sum`` the latent has D = 4·128·128 = 65536 dimensions (4× SD1.5's).
+    The values are the SD1.5 papers' and were not tuned for SDXL.
+    """
+    cfg = sd15_preset(reward, method)
+    cfg["run_name"] = f"sdxl-{reward}-{method}"
+    cfg["backbone"].update({"kind": "sdxl", "path": SDXL_BASE, "image_size": 1024, "dtype": "bfloat16",
+                            "gradient_checkpointing": True})
+    sampling, training = cfg["sampling"], cfg["training"]
+    trajectories = sampling["batch_size"] * sampling["batches_per_epoch"]
+    sampling["batch_size"] = min(_SDXL_SAMPLING_BATCH, trajectories)
+    sampling["batches_per_epoch"] = -(-trajectories // sampling["batch_size"])
+    per_step = training["micro_batch"] * training["grad_accum"]
+    training["micro_batch"] = min(_SDXL_MICRO[method], training["micro_batch"])
+    training["grad_accum"] = -(-per_step // training["micro_batch"])
+    return cfg
+
+
 def all_presets() -> dict[str, dict[str, Any]]:
     out = {f"digits-{m}": digits_preset(m) for m in METHODS}
     for reward in _SD_REWARDS:
         for m in _SD_METHODS_FOR.get(reward, METHODS):
             out[f"sd15-{reward}-{m}"] = sd15_preset(reward, m)
+    for reward in _SD_REWARDS:
+        for m in _SD_METHODS_FOR.get(reward, METHODS):
+            out[f"sdxl-{reward}-{m}"] = sdxl_preset(reward, m)
     return out
 
 
