@@ -3,6 +3,8 @@
 * :mod:`gfnalign.backbones.latent_base`: :class:`LatentDiffusionBackbone`, the base every diffusers
   latent-diffusion family shares (guided ε, decode, LoRA via peft, checkpoints, heads).
 * :mod:`gfnalign.backbones.sd`: :class:`StableDiffusionBackbone` (SD 1.x/2.x conditioning).
+* :mod:`gfnalign.backbones.sdxl`: :class:`StableDiffusionXLBackbone` (two text encoders, pooled embedding,
+  micro-conditioning); :mod:`gfnalign.backbones.families` picks the class for a pipeline folder.
 * :mod:`gfnalign.backbones.digits`: the shipped tiny digits world (prompts, classifier, loaders).
 
 Names are imported lazily so ``import gfnalign.backbones`` stays cheap.
@@ -15,6 +17,7 @@ from typing import Any
 
 _EXPORTS = {
     "StableDiffusionBackbone": "gfnalign.backbones.sd",
+    "StableDiffusionXLBackbone": "gfnalign.backbones.sdxl",
     "LatentDiffusionBackbone": "gfnalign.backbones.latent_base",
     "LogFlowHead": "gfnalign.backbones.latent_heads",
     "FlowScoreHead": "gfnalign.backbones.latent_heads",
