@@ -1,5 +1,19 @@
 """Noise schedules built from diffusers scheduler configs, without importing diffusers.
 
+A schedule is a Gaussian interpolant ``x_t = alpha_t * x0 + sigma_t * eps`` on an inference grid, in one
+of two instances:
+
+* ``interpolant="vp"``: DDPM/DDIM configs, ``alpha = sqrt(alpha_bar)``, ``sigma = sqrt(1 - alpha_bar)``
+  (the grids below);
+* ``interpolant="rectified_flow"``: FlowMatchEulerDiscreteScheduler configs (SD3, FLUX),
+  ``alpha = 1 - sigma``, the network predicts the velocity ``eps - x0`` (``prediction_type="flow"``), and
+  the grid is diffusers' sigmas with SD3's static ``shift`` or FLUX's resolution-dependent ``mu``
+  (:meth:`NoiseSchedule.from_flow_match_config`). ``alpha_bars`` then hold the VP-equivalent
+  ``alpha^2 / (alpha^2 + sigma^2)`` and timesteps are ``sigma * num_train_timesteps`` (floats).
+
+Both feed the same kernels (:mod:`gfnalign.core.kernels`) through :meth:`NoiseSchedule.levels`; the
+schedule also names the sampler's stochastic kernel (``kernel``: ``ddim``, ``flow_sde`` or ``cps``).
+
 A trajectory runs from pure noise to the image: step ``k`` (0-based) goes from timestep
 ``timesteps[k]`` to ``next_timesteps[k]`` (``t > t_next``), with cumulative signal rates
 ``alpha_bars[k]`` and ``alpha_bars_next[k]``. The last step lands on the *final* alpha-bar, which is
@@ -19,15 +33,29 @@ negative. ``next_timesteps`` is clamped at 0 so networks that take a timestep in
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
+
+from gfnalign.core.kernels import (
+    KERNELS,
+    GaussianKernel,
+    NoiseLevels,
+    check_noise_level,
+    noising_kernel,
+    noising_score_next,
+    noising_score_t,
+    predict_x0_eps,
+    step_kernel,
+)
+from gfnalign.core.parametrization import PREDICTION_TYPES
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+INTERPOLANTS = ("vp", "rectified_flow")
 
 
 def make_betas(
@@ -98,7 +126,16 @@ class NoiseSchedule:
         next_timesteps: [K] int64, timestep after each step, clamped at 0 for network inputs.
         alpha_bars: [K] float64, alpha-bar at ``timesteps``.
         alpha_bars_next: [K] float64, alpha-bar after each step (the last one is the final alpha-bar).
-        prediction_type: what the network predicts (``epsilon``, ``v_prediction`` or ``sample``).
+        prediction_type: what the network predicts (``epsilon``, ``v_prediction``, ``sample``, or ``flow``:
+            the rectified-flow velocity).
+        interpolant: ``vp`` or ``rectified_flow``.
+        sigmas / sigmas_next: [K] float64 sigma before / after each step (rectified flow only; ``None`` for VP).
+        kernel: the sampler's stochastic kernel, ``ddim`` (DDIM-η, any interpolant), ``flow_sde``
+            (Flow-GRPO's SDE, rectified flow) or ``cps`` (coefficients-preserving); its noise level is
+            the ``eta`` passed to rollouts and objectives.
+
+    For rectified flow ``timesteps`` are the float64 ``sigma * T`` the transformer is given and
+    ``alphas_cumprod[t]`` is the VP-equivalent alpha-bar at sigma = t / T (t = 0..T-1).
     """
 
     alphas_cumprod: torch.Tensor
@@ -107,6 +144,10 @@ class NoiseSchedule:
     alpha_bars: torch.Tensor
     alpha_bars_next: torch.Tensor
     prediction_type: str = "epsilon"
+    interpolant: str = "vp"
+    sigmas: torch.Tensor | None = None
+    sigmas_next: torch.Tensor | None = None
+    kernel: str = "ddim"
 
     def __post_init__(self) -> None:
         K = self.timesteps.shape[0]
@@ -119,8 +160,230 @@ class NoiseSchedule:
             )
         if not bool((self.alpha_bars_next > self.alpha_bars).all()):
             raise ValueError("NoiseSchedule: alpha-bar must increase along the trajectory (t > t_next)")
+        self._check_interpolant()
+
+    def _check_interpolant(self) -> None:
+        K = self.num_steps
+        if self.interpolant not in INTERPOLANTS:
+            raise ValueError(f"interpolant={self.interpolant!r} is not supported; use one of {', '.join(INTERPOLANTS)}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel={self.kernel!r} is not supported; use one of {', '.join(KERNELS)}")
+        flow = self.interpolant == "rectified_flow"
+        if flow != (self.prediction_type == "flow"):
+            raise ValueError(
+                f"prediction_type={self.prediction_type!r} does not fit interpolant={self.interpolant!r}: a "
+                "rectified-flow schedule has prediction_type='flow' (a velocity) and a VP schedule does not"
+            )
+        if flow:
+            for name in ("sigmas", "sigmas_next"):
+                value = getattr(self, name)
+                if value is None or value.shape != (K,):
+                    raise ValueError(f"NoiseSchedule.{name} must be a [{K}] tensor for a rectified-flow schedule")
+            if not (bool((self.sigmas <= 1).all()) and bool((self.sigmas_next >= 0).all())
+                    and bool((self.sigmas_next < self.sigmas).all())):
+                raise ValueError("NoiseSchedule: sigmas must decrease within [0, 1] along the trajectory")
+        elif self.sigmas is not None or self.sigmas_next is not None:
+            raise ValueError("NoiseSchedule.sigmas are for interpolant='rectified_flow'; a VP schedule has alpha-bars only")
+        if self.kernel == "flow_sde" and not flow:
+            raise ValueError(
+                "kernel='flow_sde' (Flow-GRPO's SDE) is written for rectified flow (alpha = 1 - sigma); use "
+                "kernel='ddim' or 'cps' with a VP schedule"
+            )
 
     # -- construction --------------------------------------------------------------------------------
+    def with_kernel(self, kernel: str) -> NoiseSchedule:
+        """The same grid sampled with another stochastic kernel (``ddim``, ``flow_sde``, ``cps``)."""
+        return replace(self, kernel=kernel)
+
+    @classmethod
+    def rectified_flow(
+        cls,
+        sigmas: torch.Tensor,
+        *,
+        final_sigma: float = 0.0,
+        num_train_timesteps: int = 1000,
+        kernel: str = "flow_sde",
+    ) -> NoiseSchedule:
+        """A rectified-flow grid from its ``[K]`` sigmas (noisiest first); the last step lands on
+        ``final_sigma`` (diffusers: 0, the clean image; > 0 keeps the last ddim/cps step stochastic)."""
+        sig = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+        T = int(num_train_timesteps)
+        if sig.numel() == 0:
+            raise ValueError("a rectified-flow schedule needs at least one sigma")
+        if not 0.0 <= float(final_sigma) < float(sig[-1]):
+            raise ValueError(
+                f"final_sigma={final_sigma} must lie in [0, {float(sig[-1]):.6g}) (below the last grid sigma); "
+                "0 lands on the clean image as diffusers does"
+            )
+        sig_next = torch.cat([sig[1:], torch.tensor([float(final_sigma)], dtype=torch.float64)])
+
+        def vp_alpha_bar(s: torch.Tensor) -> torch.Tensor:
+            return (1 - s) ** 2 / ((1 - s) ** 2 + s**2)
+
+        # timesteps as the transformer sees them: sigma * T computed in float32, like diffusers
+        ts = (sig.float() * T).double()
+        ts_next = (sig_next.float() * T).double()
+        return cls(
+            alphas_cumprod=vp_alpha_bar(torch.arange(T, dtype=torch.float64) / T),
+            timesteps=ts,
+            next_timesteps=ts_next,
+            alpha_bars=vp_alpha_bar(sig),
+            alpha_bars_next=vp_alpha_bar(sig_next),
+            prediction_type="flow",
+            interpolant="rectified_flow",
+            sigmas=sig,
+            sigmas_next=sig_next,
+            kernel=kernel,
+        )
+
+    @classmethod
+    def from_flow_match_config(
+        cls,
+        config: Mapping[str, Any] | Any,
+        num_inference_steps: int,
+        *,
+        sigmas: Sequence[float] | None = None,
+        mu: float | None = None,
+        image_seq_len: int | None = None,
+        final_sigma: float = 0.0,
+        kernel: str = "flow_sde",
+    ) -> NoiseSchedule:
+        """The grid of ``FlowMatchEulerDiscreteScheduler.set_timesteps`` for a scheduler config.
+
+        SD3 (static ``shift``): leave ``sigmas`` unset (the pipeline's default grid). FLUX
+        (``use_dynamic_shifting``): the pipeline passes ``sigmas = linspace(1, 1/K, K)`` and
+        ``mu = calculate_shift(image_seq_len)``; give ``mu`` or ``image_seq_len`` (the packed latent
+        length, ``(H/16) * (W/16)`` for FLUX), and ``sigmas`` as the pipeline does. The sigma arithmetic
+        is diffusers' (float32), so the grid is the scheduler's exactly.
+        """
+        cfg = dict(getattr(config, "config", config))
+        for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
+                     "stochastic_sampling"):
+            if cfg.get(flag, False):
+                raise ValueError(f"flow-match scheduler config has {flag}=True, which is not supported; set it to False")
+        T = int(cfg.get("num_train_timesteps", 1000))
+        K = int(num_inference_steps)
+        if K < 1:
+            raise ValueError(f"num_inference_steps={K} must be >= 1")
+        shift = float(cfg.get("shift", 1.0))
+        dynamic = bool(cfg.get("use_dynamic_shifting", False))
+
+        # numpy, in the dtypes diffusers uses (float64 for its default grid, float32 for given sigmas)
+        if sigmas is None:
+            train = np.linspace(1, T, T, dtype=np.float32)[::-1] / T
+            if not dynamic:
+                train = shift * train / (1 + (shift - 1) * train)
+            s_max, s_min = float(train[0]), float(train[-1])
+            grid = np.linspace(s_max * T, s_min * T, K) / T
+        else:
+            grid = np.array(list(sigmas)).astype(np.float32)
+            if grid.shape != (K,):
+                raise ValueError(f"sigmas has {grid.size} values but num_inference_steps={K}")
+        if dynamic:
+            if mu is None:
+                if image_seq_len is None:
+                    raise ValueError(
+                        "this flow-match config uses dynamic shifting (FLUX): pass mu or image_seq_len "
+                        "(the packed latent length, (height/16)*(width/16))"
+                    )
+                mu = flux_shift_mu(image_seq_len, cfg)
+            if cfg.get("time_shift_type", "exponential") == "linear":
+                grid = mu / (mu + (1 / grid - 1))
+            else:
+                grid = math.exp(mu) / (math.exp(mu) + (1 / grid - 1))
+        else:
+            grid = shift * grid / (1 + (shift - 1) * grid)
+        terminal = cfg.get("shift_terminal")
+        if terminal:
+            one_minus = 1 - grid
+            grid = 1 - one_minus / (one_minus[-1] / (1 - terminal))
+        grid = torch.from_numpy(np.ascontiguousarray(grid)).to(torch.float32)
+        return cls.rectified_flow(grid.float().double(), final_sigma=final_sigma, num_train_timesteps=T, kernel=kernel)
+
+    def levels(
+        self, step: torch.Tensor, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> NoiseLevels:
+        """The interpolant's noise levels of steps ``step`` ([N] indices), for :mod:`gfnalign.core.kernels`.
+
+        Alpha-bars are cast to ``dtype`` as :meth:`at_steps` does; VP schedules carry no scale (exactly 1)."""
+        idx = self._index(step)
+        device = device if device is not None else step.device
+
+        def cast(v: torch.Tensor) -> torch.Tensor:
+            return v[idx].to(device=device, dtype=dtype)
+
+        a, an = cast(self.alpha_bars), cast(self.alpha_bars_next)
+        if self.interpolant == "vp":
+            return NoiseLevels(
+                a, an, cast(self.alpha_bars.sqrt()), cast((1 - self.alpha_bars).sqrt()),
+                cast(self.alpha_bars_next.sqrt()), cast((1 - self.alpha_bars_next).sqrt()),
+            )
+        full = NoiseLevels.rectified_flow(self.sigmas, self.sigmas_next)  # float64, then cast once
+        return NoiseLevels(
+            a, an, cast(full.alpha_t), cast(full.sigma_t), cast(full.alpha_next), cast(full.sigma_next),
+            cast(full.scale_t), cast(full.scale_next),
+        )
+
+    @property
+    def policy_output(self) -> str:
+        """What ``PolicyModel.eps`` returns for this schedule: ``epsilon`` (VP backbones convert any VP
+        prediction to ε) or ``flow`` (the rectified-flow velocity, which stays finite at sigma = 1)."""
+        return "flow" if self.prediction_type == "flow" else "epsilon"
+
+    def forward_kernel(self, x_t: torch.Tensor, output: torch.Tensor, step: torch.Tensor, eta: float) -> GaussianKernel:
+        """P_F(x_next | x_t) of this schedule's ``kernel`` at steps ``step`` [N] for the policy's ``output``."""
+        return step_kernel(x_t, output, self.levels(step, dtype=x_t.dtype, device=x_t.device), eta,
+                           kind=self.kernel, output_type=self.policy_output)
+
+    def backward_kernel(self, x_next: torch.Tensor, step: torch.Tensor) -> GaussianKernel:
+        """P_B(x_t | x_next), the interpolant's noising kernel between the grid points of ``step``."""
+        return noising_kernel(x_next, self.levels(step, dtype=x_next.dtype, device=x_next.device))
+
+    def score_pb_next(self, x_t: torch.Tensor, x_next: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """∇_{x_next} log P_B(x_t | x_next)."""
+        return noising_score_next(x_t, x_next, self.levels(step, dtype=x_next.dtype, device=x_next.device))
+
+    def score_pb_t(self, x_t: torch.Tensor, x_next: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """∇_{x_t} log P_B(x_t | x_next)."""
+        return noising_score_t(x_t, x_next, self.levels(step, dtype=x_next.dtype, device=x_next.device))
+
+    def predict_x0(self, x: torch.Tensor, output: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """x̂0 at the state *before* step ``step`` from the policy's output there."""
+        return predict_x0_eps(x, output, self.levels(step, dtype=x.dtype, device=x.device).like(x),
+                              self.policy_output)[0]
+
+    def predict_eps(self, x: torch.Tensor, output: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """ε̂ at the state before step ``step`` from the policy's output there."""
+        return predict_x0_eps(x, output, self.levels(step, dtype=x.dtype, device=x.device).like(x),
+                              self.policy_output)[1]
+
+    def marginal_score(
+        self, x: torch.Tensor, output: torch.Tensor, step: torch.Tensor, *, after: bool = False
+    ) -> torch.Tensor:
+        """Tweedie's marginal score ∇_x log p(x) = −ε̂/σ from the policy's output at the state before step
+        ``step`` (``after=True``: the state after it, the output taken there)."""
+        lv = self.levels(step, dtype=x.dtype, device=x.device)
+        lv = (lv.after() if after else lv).like(x)
+        _, eps = predict_x0_eps(x, output, lv, self.policy_output)
+        if self.interpolant == "vp":
+            return -eps / (1 - lv.alpha_bar_t).clamp(min=1e-12).sqrt()
+        return -eps / lv.sigma_t.clamp(min=1e-12)
+
+    def output_per_score(
+        self, step: torch.Tensor, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """[N] how the policy's output at the state before ``step`` moves per unit shift of the marginal score
+        at fixed x: ε-output −σ; flow velocity −σ/α (0 at pure noise, where the score is the prior's)."""
+        lv = self.levels(step, dtype=dtype, device=device)
+        if self.interpolant == "vp":
+            return -(1 - lv.alpha_bar_t).sqrt()
+        alpha = lv.alpha_t
+        return torch.where(alpha > 0, -lv.sigma_t / alpha.clamp(min=1e-12), torch.zeros_like(alpha))
+
+    def check_noise_level(self, eta: float) -> float:
+        """``eta`` validated for this schedule's kernel (ddim: (0, 1], cps: (0, 1], flow_sde: > 0)."""
+        return check_noise_level(self.kernel, eta)
+
     @classmethod
     def from_alphas_cumprod(
         cls,
@@ -213,9 +476,7 @@ class NoiseSchedule:
         self, step: torch.Tensor, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(t, t_next, alpha_bar_t, alpha_bar_next)`` for a tensor of step indices ``[N]``."""
-        idx = step.detach().to("cpu", torch.int64)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_steps):
-            raise IndexError(f"step indices must be in [0, {self.num_steps - 1}], got {idx.tolist()}")
+        idx = self._index(step)
         device = device if device is not None else step.device
         return (
             self.timesteps[idx].to(device),
@@ -224,6 +485,41 @@ class NoiseSchedule:
             self.alpha_bars_next[idx].to(device=device, dtype=dtype),
         )
 
+    def _index(self, step: torch.Tensor) -> torch.Tensor:
+        idx = torch.as_tensor(step).detach().to("cpu", torch.int64)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_steps):
+            raise IndexError(f"step indices must be in [0, {self.num_steps - 1}], got {idx.tolist()}")
+        return idx
+
     def alpha_bar_of_timestep(self, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Alpha-bar of the training schedule at integer timesteps ``t`` ([N])."""
+        """Alpha-bar of the training schedule at timesteps ``t`` ([N]): integer indices for VP; for rectified
+        flow the VP-equivalent alpha-bar at sigma = t / T (any float t)."""
+        if self.interpolant == "rectified_flow":
+            return self.alpha_bar_of_sigma(self.sigma_of_timestep(t)).to(dtype)
         return self.alphas_cumprod.to(t.device)[t.long()].to(dtype)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    def sigma_of_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """Rectified flow: sigma = t / T in float64 (timesteps are ``sigma * T``)."""
+        if self.interpolant != "rectified_flow":
+            raise ValueError("sigma_of_timestep is for rectified-flow schedules; VP schedules index alphas_cumprod")
+        return torch.as_tensor(t).to(torch.float64) / self.num_train_timesteps
+
+    @staticmethod
+    def alpha_bar_of_sigma(sigma: torch.Tensor) -> torch.Tensor:
+        """The VP-equivalent alpha-bar ``(1 - sigma)^2 / ((1 - sigma)^2 + sigma^2)`` of a rectified-flow sigma."""
+        return (1 - sigma) ** 2 / ((1 - sigma) ** 2 + sigma**2)
+
+
+def flux_shift_mu(image_seq_len: int, config: Mapping[str, Any]) -> float:
+    """FLUX's resolution-dependent shift mu (``calculate_shift`` of diffusers' FluxPipeline): linear in the
+    packed latent length between (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift)."""
+    base_len = int(config.get("base_image_seq_len", 256))
+    max_len = int(config.get("max_image_seq_len", 4096))
+    base_shift = float(config.get("base_shift", 0.5))
+    max_shift = float(config.get("max_shift", 1.15))
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * slope + base_shift - slope * base_len

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from gfnalign.core.batches import TransitionBatch
-from gfnalign.core.kernels import backward_kernel
 from gfnalign.core.protocols import Lookahead, PolicyModel
 from gfnalign.objectives.base import LossOutput, register
 from gfnalign.objectives.common import (
@@ -286,7 +285,7 @@ class DAGDB(TransitionObjective):
                 _, ref_kernel = self.policy_kernel(policy, batch, reference=True)
                 log_pb = ref_kernel.log_prob(batch.x_next, red)
         else:
-            log_pb = backward_kernel(batch.x_next, a, an).log_prob(x_t, red)
+            log_pb = sched.backward_kernel(batch.x_next, batch.step).log_prob(x_t, red)
         log_f_t, log_f_next = self.log_flows(batch, lookahead, beta, t, t_next, a, an)
         delta = log_f_t + log_pf - log_pb.detach() - log_f_next
         metrics = {

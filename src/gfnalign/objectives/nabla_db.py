@@ -7,7 +7,6 @@ from typing import Any
 import torch
 
 from gfnalign.core.batches import TransitionBatch
-from gfnalign.core.kernels import forward_kernel, score_pb_next, score_pb_t
 from gfnalign.core.protocols import Lookahead, PolicyModel
 from gfnalign.objectives.base import LossOutput, register
 from gfnalign.objectives.common import apply_two, approx_kl, check_choice, mean_dims
@@ -31,7 +30,7 @@ class NablaDB(ScoreBalanceObjective):
         r_rev = ∇_{x_t}[log P_F^θ − log P_B](x_t, x_next) + ψ(x_t, t)
         L = mean_N [ mean_dims r_fwd² + w_B · mean_dims r_rev² + λ·mean_dims(ε_θ − ε_old)² ]
 
-    P_B scores are closed form (:func:`gfnalign.core.score_pb_next`, :func:`~gfnalign.core.score_pb_t`),
+    P_B scores are closed form (:meth:`gfnalign.core.NoiseSchedule.score_pb_next` / ``score_pb_t``),
     s_θ^→ is closed form in ε_θ, s_θ^← is autograd through the policy at x_t.
 
     Fixed point: both gradient identities ⇒ the log-DB residual is a per-step constant, absorbed by
@@ -99,8 +98,8 @@ class NablaDB(ScoreBalanceObjective):
         self, policy: PolicyModel, batch: TransitionBatch, t: torch.Tensor, t_next: torch.Tensor,
         a: torch.Tensor, an: torch.Tensor, *, at_t: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tweedie's marginal score of the pretrained model, −ε_#(x, t)/√(1−ᾱ_t), at x_next (non-terminal
-        rows) and x_t (when ``at_t``); detached, one reference pass."""
+        """Tweedie's marginal score of the pretrained model, −ε_#(x, t)/σ_t (σ_t = √(1−ᾱ_t) for VP), at x_next
+        (non-terminal rows) and x_t (when ``at_t``); detached, one reference pass."""
         last = batch.is_last
         with torch.no_grad():
             e_next, e_t = apply_two(lambda x, tt, c: policy.eps(x, tt, c, reference=True),
@@ -108,10 +107,9 @@ class NablaDB(ScoreBalanceObjective):
                                     torch.ones_like(last) if at_t else torch.zeros_like(last),
                                     batch.cond, batch.x_next, batch.x_t)
 
-        def score(e: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
-            return -e / (1 - ab).clamp(min=1e-12).sqrt().to(e.dtype).reshape(-1, *([1] * (e.dim() - 1)))
-
-        return score(e_next, an), score(e_t, a)
+        sched = policy.schedule
+        return (sched.marginal_score(batch.x_next, e_next, batch.step, after=True),
+                sched.marginal_score(batch.x_t, e_t, batch.step))
 
     def forward(  # type: ignore[override]
         self, batch: TransitionBatch, policy: PolicyModel, lookahead: Lookahead | None, *, beta: float
@@ -133,7 +131,7 @@ class NablaDB(ScoreBalanceObjective):
             psi_next = psi_next + prior_next  # zero on terminal rows
             psi_t = None if psi_t is None else psi_t + prior_t
         w = residual_weights(kernel, self.residual_weight)
-        r_fwd = scale * (fwd - score_pb_next(x_t, x_next, a, an)) - psi_next
+        r_fwd = scale * (fwd - policy.schedule.score_pb_next(x_t, x_next, batch.step)) - psi_next
         l_fwd = w * mean_dims(r_fwd**2)
         terms = {"fwd": l_fwd}
         per = l_fwd
@@ -144,7 +142,7 @@ class NablaDB(ScoreBalanceObjective):
 
         if self.uses_reverse:
             assert rev is not None and psi_t is not None
-            r_rev = scale * (rev - score_pb_t(x_t, x_next, a, an)) + psi_t
+            r_rev = scale * (rev - policy.schedule.score_pb_t(x_t, x_next, batch.step)) + psi_t
             l_rev = w * mean_dims(r_rev**2)
             terms["rev"] = l_rev
             per = per + self.reverse_loss_weight * l_rev
@@ -164,7 +162,7 @@ class NablaDB(ScoreBalanceObjective):
         estimate (see the class docstring, ``forward_control``); the φ-gradient is left as it is."""
         x_t, x_next = batch.x_t, batch.x_next
         with torch.no_grad():
-            mean_old = forward_kernel(x_t.detach(), batch.eps_old.to(x_t), a, an, self.eta).mean
+            mean_old = policy.schedule.forward_kernel(x_t.detach(), batch.eps_old.to(x_t), batch.step, self.eta).mean
             x_mirror = 2 * mean_old - x_next.detach()
             mirrored = batch.with_fields(x_next=x_mirror, lookahead_grad_next=None)
             psi_m, _, _ = self.flow_scores(mirrored, lookahead, beta, t, t_next, a, an, at_t=False, final_head=False)
@@ -173,7 +171,7 @@ class NablaDB(ScoreBalanceObjective):
         # forward residuals whose only graph is the policy's (closed-form) forward score
         r_theta = scale * fwd
         r_theta = r_theta - r_theta.detach() + r_fwd.detach()  # value r_fwd, graph through s_θ^→ only
-        r_mirror = scale * (kernel.score(x_mirror) - score_pb_next(x_t, x_mirror, a, an)) - psi_m
+        r_mirror = scale * (kernel.score(x_mirror) - policy.schedule.score_pb_next(x_t, x_mirror, batch.step)) - psi_m
         r_bar = 0.5 * (r_theta + r_mirror)
         # plain loss w·|r|²: θ-gradient 2w·r·∂r/∂θ; replace it by 2w·r̄·∂r̄/∂θ (∂r̄/∂θ = ∂r/∂θ)
         plain_theta = w * mean_dims(r_theta * r_theta.detach() * 2 - r_theta.detach() ** 2)

@@ -7,7 +7,6 @@ from typing import Any
 import torch
 
 from gfnalign.core.batches import TransitionBatch
-from gfnalign.core.kernels import forward_kernel
 from gfnalign.core.protocols import Lookahead, PolicyModel
 from gfnalign.objectives.base import LossOutput, register
 from gfnalign.objectives.common import approx_kl, check_choice, check_nonneg, mean_dims
@@ -226,12 +225,14 @@ class ResidualNablaDB(ScoreBalanceObjective):
                 rev_target = mean_vjp(kernel_ref, (kernel.mean - kernel_ref.mean) / kernel_ref.std**2, x_req)
 
         if current:
-            # the policy's ε target ε_# − √(1−ᾱ_t)·ψ(x_t) moves the kernel mean by −C_t·√(1−ᾱ_t)·ψ(x_t)
-            # (C_t = ∂μ/∂ε), i.e. its forward score by k_t·ψ(x_t) with k_t = −C_t·√(1−ᾱ_t)/σ_t²
+            # the policy's output target (ε: ε_# − √(1−ᾱ_t)·ψ(x_t); flow velocity: u_# − (σ/α)·ψ(x_t)) moves
+            # the kernel mean by C_t·o_t·ψ(x_t) (C_t = ∂μ/∂output, o_t = ∂output/∂score), i.e. its forward
+            # score by k_t·ψ(x_t) with k_t = C_t·o_t/σ_t²
             assert psi_t is not None
-            c_t = forward_kernel(torch.zeros_like(x_t), torch.ones_like(x_t), a, an, self.eta).mean
-            sqrt_1ma = (1 - a).sqrt().to(x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))
-            k_t = -c_t * sqrt_1ma / kernel.std.detach() ** 2
+            sched = policy.schedule
+            c_t = sched.forward_kernel(torch.zeros_like(x_t), torch.ones_like(x_t), batch.step, self.eta).mean
+            o_t = sched.output_per_score(batch.step, dtype=x_t.dtype, device=x_t.device)
+            k_t = c_t * o_t.reshape(-1, *([1] * (x_t.dim() - 1))) / kernel.std.detach() ** 2
             psi_fwd = k_t * psi_t.detach()
         else:
             # forward residual at x_next; with head_target="reverse" it trains the policy only

@@ -7,8 +7,6 @@ from typing import Any
 import torch
 
 from gfnalign.core.batches import TrajectoryBatch, TransitionBatch
-from gfnalign.core.kernels import forward_kernel
-from gfnalign.core.parametrization import eps_to_x0
 from gfnalign.core.protocols import Lookahead, PolicyModel
 from gfnalign.objectives.base import LossOutput, register
 from gfnalign.objectives.common import TransitionObjective, check_choice, index_rows, mean_dims
@@ -139,8 +137,8 @@ class RewardBackprop(TransitionObjective):
             rows = idx[:, j]
             t, t_next, a, an = sched.at_steps(batch.step[rows], dtype=x.dtype, device=x.device)
             eps = policy.eps(x, t, cond, reference=False)
-            kern = forward_kernel(x, eps, a, an, self.eta)
-            old = forward_kernel(batch.x_t[rows], batch.eps_old[rows].to(x), a, an, self.eta)
+            kern = sched.forward_kernel(x, eps, batch.step[rows], self.eta)
+            old = sched.forward_kernel(batch.x_t[rows], batch.eps_old[rows].to(x), batch.step[rows], self.eta)
             x_rec = batch.x_next[rows]
             z = old.noise_of(x_rec).detach()
             tr_total = tr_total + self.trust_region_term(eps, batch.index(rows))
@@ -171,8 +169,8 @@ class RewardBackprop(TransitionObjective):
         x_t = batch.x_t
         t, _, a, _ = policy.schedule.at_steps(batch.step, dtype=x_t.dtype, device=x_t.device)
         eps, _ = self.policy_kernel(policy, batch)
-        x0 = eps_to_x0(x_t, eps, a)
-        x0_old = eps_to_x0(x_t, batch.eps_old.to(x_t), a)
+        x0 = policy.schedule.predict_x0(x_t, eps, batch.step)
+        x0_old = policy.schedule.predict_x0(x_t, batch.eps_old.to(x_t), batch.step)
         zeros_t = torch.zeros_like(t)
         g = lookahead.grad_log_reward(x0.detach(), zeros_t, batch.cond, terminal=torch.ones_like(batch.is_last))
         reward_term = -beta * _dot(g.detach().to(x0), x0)

@@ -5,8 +5,10 @@ and ``states[:, k + 1]`` is the state after step ``k``. Every step draws
 
     x_next = mean_theta(x_t) + sigma_t * z,    z ~ N(0, I)
 
-with the Gaussian kernel of :func:`gfnalign.core.forward_kernel` (DDIM with ``eta``; ``eta = 1`` is DDPM),
-and records ``log P_F(x_next | x_t)`` under the behaviour policy and the guided eps it predicted.
+with the Gaussian kernel of the policy's schedule (:meth:`gfnalign.core.NoiseSchedule.forward_kernel`:
+DDIM-η, ``eta = 1`` is DDPM; or a flow schedule's Flow-GRPO SDE / CPS kernel with noise level ``eta``),
+and records ``log P_F(x_next | x_t)`` under the behaviour policy and the guided output it predicted (ε, or
+the velocity for a rectified-flow schedule).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 
 from gfnalign.core.batches import TrajectoryBatch, TransitionBatch
-from gfnalign.core.kernels import REDUCTIONS, GaussianKernel, forward_kernel
+from gfnalign.core.kernels import REDUCTIONS, GaussianKernel
 from gfnalign.core.protocols import PolicyModel
 
 
@@ -55,7 +57,8 @@ def rollout(
         policy: anything with ``schedule`` and ``eps(x, t, cond, reference=False)`` (guided eps).
         cond: ``[B, ...]`` conditioning or ``None``.
         x_init: ``[B, ...]`` start states (pure noise for a full rollout).
-        eta: DDIM eta of the forward kernel (> 0; 1 = DDPM).
+        eta: noise level of the schedule's kernel (DDIM eta in (0, 1], 1 = DDPM; Flow-GRPO's a for
+            ``flow_sde``; CPS's a in (0, 1] for ``cps``).
         reduction: how log P_F is reduced over the state dimensions (``sum`` or ``mean``).
         generator: torch generator for the per-step noise (deterministic given its state).
         steps: ``[K]`` schedule step indices to run, in order (default: all steps of the schedule).
@@ -71,9 +74,10 @@ def rollout(
         ``reward`` filled with NaN (the trainer scores ``traj.final`` and fills it).
     """
     _check_reduction(reduction)
-    if eta <= 0:
+    if not eta > 0:
         raise ValueError(f"eta={eta}: sampling needs eta > 0 so that every step has a density")
     schedule = policy.schedule
+    schedule.check_noise_level(eta)
     if steps is None:
         steps = torch.arange(schedule.num_steps, dtype=torch.int64)
     steps = torch.as_tensor(steps, dtype=torch.int64).cpu()
@@ -96,9 +100,9 @@ def rollout(
         iterator = tqdm(iterator, desc="sampling", leave=False)
     for k in iterator:
         step = torch.full((B,), k, dtype=torch.int64, device=device)
-        t, _, a, an = schedule.at_steps(step, dtype=x.dtype, device=device)
+        t, _, _, _ = schedule.at_steps(step, dtype=x.dtype, device=device)
         eps = policy.eps(x, t, cond, reference=False)
-        kernel = forward_kernel(x, eps, a, an, eta)
+        kernel = schedule.forward_kernel(x, eps, step, eta)
         x_next = kernel.sample(_randn(x.shape, x, generator))
         log_pfs.append(kernel.log_prob(x_next, reduction))
         epss.append(eps)
@@ -133,9 +137,9 @@ def transition_kernel(
     re-generated with gradient by reward backpropagation).
     """
     x = batch.x_t if x_t is None else x_t
-    t, _, a, an = policy.schedule.at_steps(batch.step, dtype=x.dtype, device=x.device)
+    t, _, _, _ = policy.schedule.at_steps(batch.step, dtype=x.dtype, device=x.device)
     eps = policy.eps(x, t, batch.cond, reference=reference)
-    return eps, forward_kernel(x, eps, a, an, eta)
+    return eps, policy.schedule.forward_kernel(x, eps, batch.step, eta)
 
 
 def recompute_log_pf(

@@ -38,7 +38,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from gfnalign.core.kernels import forward_kernel
 from gfnalign.core.schedule import NoiseSchedule, make_betas
 from gfnalign.toy.mixture import DTYPE, GaussianMixture
 from gfnalign.toy.rewards import ToyReward
@@ -304,7 +303,7 @@ def sample_chain(
         for k in range(sched.num_steps):
             t = sched.timesteps[k].expand(m)
             eps = policy.eps(x, t, None, reference=reference)
-            kern = forward_kernel(x, eps, sched.alpha_bars[k], sched.alpha_bars_next[k], eta)
+            kern = sched.forward_kernel(x, eps, torch.full((m,), k, dtype=torch.int64), eta)
             x = kern.sample(torch.randn(m, d, dtype=DTYPE, generator=generator))
         out.append(x)
     return torch.cat(out)

@@ -34,7 +34,6 @@ from typing import Any
 import torch
 
 from gfnalign.core.batches import TrajectoryBatch
-from gfnalign.core.parametrization import eps_to_x0
 
 
 @dataclass
@@ -243,8 +242,8 @@ class RewardLookahead:
             step = int(traj.steps[k])
             x = traj.states[:, k]
             if self.model == "policy" and self.guided:
-                ab = schedule.alpha_bars[step].to(dtype=x.dtype, device=x.device)
-                x0 = eps_to_x0(x, traj.eps[:, k].to(x.dtype), ab)  # the rollout's own guided x0_hat
+                steps = torch.full((B,), step, dtype=torch.int64, device=x.device)
+                x0 = schedule.predict_x0(x, traj.eps[:, k].to(x.dtype), steps)  # the rollout's own guided x0_hat
             else:
                 t = schedule.timesteps[step].repeat(B).to(x.device)
                 x0 = self.backbone.predict_x0(x, t, traj.cond, reference=self.model == "reference",
