@@ -4,6 +4,7 @@ from gfnalign.objectives.base import REGISTRY, LossOutput, Objective, build_obje
 from gfnalign.objectives.dag_db import DAGDB
 from gfnalign.objectives.dag_kl import DAGKL
 from gfnalign.objectives.ddpo import DDPO
+from gfnalign.objectives.grpo import GRPO
 from gfnalign.objectives.heads import make_flow_score_head, make_log_flow_head
 from gfnalign.objectives.nabla_db import NablaDB
 from gfnalign.objectives.residual_nabla_db import ResidualNablaDB
@@ -14,6 +15,7 @@ __all__ = [
     "DAGDB",
     "DAGKL",
     "DDPO",
+    "GRPO",
     "REGISTRY",
     "LossOutput",
     "NablaDB",
