@@ -53,19 +53,21 @@ def run(args: argparse.Namespace) -> int:
         print("config OK")
         return 0
     run_dir = out if out is not None else Path("runs") / cfg.run_name
-    if not args.resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+    from gfnalign.training import checkpoint as ckpt
+
+    if not args.resume and ckpt.latest_checkpoint(run_dir / "checkpoints") is not None:
         print(f"gfnalign train: {run_dir} already holds checkpoints; pass --resume latest to continue it or "
               "choose another --out", file=sys.stderr)
         return 2
 
-    from gfnalign.training.trainer import BadRewardError, NanLossError, Trainer
+    from gfnalign.training.trainer import BadRewardError, NanLossError, Trainer, TrainingFailedError
 
     trainer = Trainer(cfg, run_dir, resume=args.resume, stop_after_updates=args.stop_after_updates)
     try:
         return trainer.train()
-    except (NanLossError, BadRewardError) as err:
+    except (NanLossError, BadRewardError, TrainingFailedError) as err:
         print(f"gfnalign train: stopped: {err}", file=sys.stderr)
         return 1
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, ckpt.CheckpointError) as err:
         print(f"gfnalign train: {err}", file=sys.stderr)
         return 2

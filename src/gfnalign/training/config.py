@@ -15,7 +15,7 @@ Layout of a config file (every key optional except ``method.name``; see ``config
     training: {epochs, micro_batch, grad_accum, lr, lr_heads, weight_decay, ...}
     lookahead: {mode: cached | recompute, model: policy | reference, guided: true}
     logging: {sample_every, checkpoint_every, keep_checkpoints, tensorboard, progress, ...}
-    reliability: {max_nan_streak, on_bad_reward: skip | stop}
+    reliability: {max_nan_streak, on_bad_reward: skip | stop, max_skipped_epoch_fraction}
 """
 
 from __future__ import annotations
@@ -126,6 +126,8 @@ class LoggingConfig:
 class ReliabilityConfig:
     max_nan_streak: int = 3  # stop after this many non-finite losses in a row
     on_bad_reward: str = "skip"  # skip | stop, for NaN/inf rewards or a reward error
+    # the run fails (no export) once more than this share of its epochs was skipped for bad rewards
+    max_skipped_epoch_fraction: float = 0.5
 
 
 @dataclass
@@ -412,6 +414,10 @@ def validate(cfg: TrainConfig) -> None:
 
     _positive("reliability.max_nan_streak", cfg.reliability.max_nan_streak)
     _choice("reliability.on_bad_reward", cfg.reliability.on_bad_reward, ON_BAD_REWARD)
+    f = cfg.reliability.max_skipped_epoch_fraction
+    if not (math.isfinite(f) and 0 <= f <= 1):
+        raise ConfigError(f"reliability.max_skipped_epoch_fraction={f!r} is not allowed; use a number in [0, 1] "
+                          "(the share of epochs that may be skipped for bad rewards)")
 
     if isinstance(cfg.reward, str) and cfg.reward and ":" not in cfg.reward and "/" not in cfg.reward \
             and not cfg.reward.startswith(("http", "composite")):

@@ -62,6 +62,11 @@ class BadRewardError(RuntimeError):
     """A reward was NaN/inf or malformed and ``reliability.on_bad_reward: stop``."""
 
 
+class TrainingFailedError(RuntimeError):
+    """The run trained nothing, or skipped more epochs than ``reliability.max_skipped_epoch_fraction``
+    allows; nothing is exported as a result (the last checkpoint is kept for a resume)."""
+
+
 def derive_seed(*parts: Any) -> int:
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
@@ -114,7 +119,7 @@ def cat_trajectories(parts: list[TrajectoryBatch]) -> TrajectoryBatch:
     out: dict[str, Any] = {}
     for f in fields(TrajectoryBatch):
         values = [getattr(p, f.name) for p in parts]
-        if f.name == "steps":
+        if f.name == "steps" or isinstance(values[0], str):  # per-batch metadata (e.g. the log-prob reduction)
             out[f.name] = values[0]
         elif any(v is None for v in values):
             out[f.name] = None
@@ -183,9 +188,15 @@ class Trainer:
         self.world = acc.num_processes
         self.is_main = acc.is_main_process
 
+        resume_from = ckpt.resolve_resume(self.run_dir, self.resume) if self.resume else None
+        if self.resume and resume_from is None and self.is_main:
+            print(f"[gfnalign] --resume {self.resume}: no complete checkpoint under {self.run_dir / 'checkpoints'} "
+                  "yet; starting fresh", file=sys.stderr)
+        self.resume = self.resume if resume_from is not None else None
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "samples").mkdir(exist_ok=True)
+            ckpt.remove_stale(self.run_dir / "checkpoints")  # a kill mid-write leaves a half checkpoint
             if not self.resume:  # a fresh run: drop leftovers of an earlier attempt that never checkpointed
                 for name in ("metrics.jsonl", "eval_before.json", "eval_after.json", "report.md"):
                     (self.run_dir / name).unlink(missing_ok=True)
@@ -243,8 +254,8 @@ class Trainer:
                 self.tb = SummaryWriter(str(self.run_dir / "tb"))
             except Exception:
                 self.tb = None
-        if self.resume:
-            self._load_checkpoint(ckpt.resolve_resume(self.run_dir, self.resume))
+        if resume_from is not None:
+            self._load_checkpoint(resume_from)
 
     # ---------------------------------------------------------------------------------------------
     # distributed helpers (no-ops on one process)
@@ -561,38 +572,49 @@ class Trainer:
         if int(state.get("world_size", 1)) != self.world:
             raise ValueError(f"checkpoint {path} was written by {state['world_size']} processes; resume with the same "
                              f"number (got {self.world}) or start a new run")
+        try:
+            step, epoch, counts = int(state["step"]), int(state["epoch"]), dict(state["counts"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ckpt.CheckpointError(f"{path / 'state.json'}: missing or malformed field ({err}); "
+                                       "resume from another checkpoint") from None
         saved_engine = "sharded" if (path / ckpt.ENGINE_DIR).is_dir() else "replicated"
         wanted = "sharded" if self.engine.shards_state else "replicated"
         if saved_engine != wanted:
             raise ValueError(f"checkpoint {path} holds {saved_engine} engine state (engine {state.get('engine', '?')}) "
                              f"but this run uses {self.engine.name}; resume under the engine that wrote it")
         # tensors are read onto the CPU and copied to their parameters' devices (accelerate's CPU device is
-        # "cpu:0" under gloo, which torch.load cannot map storages to)
-        if self.engine.shards_state:
-            self.accelerator.load_state(str(path / ckpt.ENGINE_DIR))
-            outside = torch.load(path / "objective_state.pt", map_location="cpu")
-            with torch.no_grad():
-                own = dict(self.objective.named_parameters())
-                own.update(dict(self.objective.named_buffers()))
-                for k, v in outside.items():
-                    own[k].copy_(v)
-        else:
-            self.backbone.load_trainable_state_dict(torch.load(path / "trainable.pt", map_location="cpu"))
-            self.objective.load_state_dict(torch.load(path / "heads.pt", map_location="cpu"))
-            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu"))
-        self.step = int(state["step"])
-        self.epoch = int(state["epoch"])
-        self.counts = dict(state["counts"])
+        # "cpu:0" under gloo, which torch.load cannot map storages to); every file is read with
+        # weights_only=True, so nothing in a checkpoint can execute code
+        try:
+            if self.engine.shards_state:
+                self.accelerator.load_state(str(path / ckpt.ENGINE_DIR))
+                outside = ckpt.load_tensors(path / "objective_state.pt")
+                with torch.no_grad():
+                    own = dict(self.objective.named_parameters())
+                    own.update(dict(self.objective.named_buffers()))
+                    for k, v in outside.items():
+                        own[k].copy_(v)
+            else:
+                self.backbone.load_trainable_state_dict(ckpt.load_tensors(path / "trainable.pt"))
+                self.objective.load_state_dict(ckpt.load_tensors(path / "heads.pt"))
+                self.optimizer.load_state_dict(ckpt.load_tensors(path / "optimizer.pt"))
+        except (RuntimeError, KeyError, ValueError) as err:
+            if isinstance(err, ckpt.CheckpointError):
+                raise
+            raise ckpt.CheckpointError(f"{path}: the weights do not match this config's model "
+                                       f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+        self.step, self.epoch = step, epoch
+        self.counts = {**self.counts, **counts}
         rng_file = path / f"rng_rank{self.rank}.pt"
-        self._resume_rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
+        self._resume_rng = ckpt.load_tensors(rng_file) if rng_file.is_file() else None
         ep_file = path / f"epoch_rank{self.rank}.pt"
         if state.get("mid_epoch") and ep_file.is_file():
-            self._resume_epoch_state = torch.load(ep_file, map_location="cpu", weights_only=False)
+            self._resume_epoch_state = ckpt.load_tensors(ep_file)
         if self.is_main:  # drop metrics logged after the checkpoint so the resumed file matches a clean run
             mpath = self.run_dir / "metrics.jsonl"
-            if mpath.is_file():
-                keep = [ln for ln in mpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
-                mpath.write_text("".join(ln + "\n" for ln in keep))
+            if mpath.is_file():  # a kill mid-append leaves a torn last line: read_jsonl drops it
+                keep = [row for row in ckpt.read_jsonl(mpath) if int(row.get("step", 0)) <= self.step]
+                mpath.write_text("".join(json.dumps(row, sort_keys=False) + "\n" for row in keep))
             print(f"[gfnalign] resumed from {path} (step {self.step}, epoch {self.epoch})", file=sys.stderr)
 
     # ---------------------------------------------------------------------------------------------
@@ -653,7 +675,7 @@ class Trainer:
             if tag == "before":
                 torch.save({"features": feats, "ids": ids}, fpath)
             elif fpath.is_file():
-                ref = torch.load(fpath)
+                ref = ckpt.load_tensors(fpath)
                 drift = prior_drift(feats, ref["features"], ids, ref["ids"])[0]
         except Exception as err:  # the report still works without the evaluation package
             print(f"[gfnalign] prior drift not computed: {err}", file=sys.stderr)
@@ -767,7 +789,8 @@ class Trainer:
         t_start = time.perf_counter()
         previous = self._install_signals()
         try:
-            if self._samples_here and cfg.logging.report and not (self.run_dir / "eval_before.json").is_file():
+            if self._samples_here and cfg.logging.report and \
+                    ckpt.read_json_or_none(self.run_dir / "eval_before.json") is None:
                 before = self.evaluate("before")
                 if self.is_main:
                     ckpt.write_json(self.run_dir / "eval_before.json", before)
@@ -775,6 +798,7 @@ class Trainer:
                           f"diversity {before['diversity']:.4g}", file=sys.stderr)
             self._barrier()
             interrupted = self._loop()
+            self._check_trained_something()
             if interrupted:
                 if self.is_main:
                     print(f"[gfnalign] stopped at step {self.step}; checkpoint saved. Continue with "
@@ -788,7 +812,7 @@ class Trainer:
 
                     ckpt.write_json(self.run_dir / "eval_after.json", after)
                     bpath = self.run_dir / "eval_before.json"
-                    before = ckpt.read_json(bpath) if bpath.is_file() else None
+                    before = ckpt.read_json_or_none(bpath)
                     write_report(self.run_dir, config=cfg, before=before, after=after,
                                  wall_s=time.perf_counter() - t_start, counters=self._public_counts())
                 print(f"[gfnalign] done: {self.step} updates; LoRA in {final}", file=sys.stderr)
@@ -803,6 +827,31 @@ class Trainer:
     def _samples_here(self) -> bool:
         """Whether this rank runs evaluation and grid sampling: rank 0, and every rank when weights are sharded."""
         return self.is_main or self.engine.shards_parameters
+
+    def _check_trained_something(self) -> None:
+        """Raise :class:`TrainingFailedError` when the finished run made no optimiser step that counted."""
+        if self.epoch < self.cfg.training.epochs:
+            return  # interrupted: resumable, judged when it finishes
+        good = self.step - self.counts["skipped_updates"]
+        if good <= 0:
+            reason = getattr(self, "_last_reward_error", None)
+            raise TrainingFailedError(
+                f"trained nothing: {self.step} updates, {self.counts['skipped_updates']} skipped (non-finite loss), "
+                f"{self.counts['skipped_reward_epochs']} of {self.epoch} epochs skipped for bad rewards"
+                + (f" (last: {reason})" if reason else "") + "; no model was exported")
+
+    def _check_skip_share(self) -> None:
+        """Stop (checkpoint kept) once more epochs were skipped than ``max_skipped_epoch_fraction`` allows."""
+        rel = self.cfg.reliability
+        allowed = rel.max_skipped_epoch_fraction * self.cfg.training.epochs
+        skipped = self.counts["skipped_reward_epochs"]
+        if skipped > allowed:
+            self.save_checkpoint()
+            reason = getattr(self, "_last_reward_error", "bad rewards")
+            raise TrainingFailedError(
+                f"{skipped} of {self.cfg.training.epochs} epochs skipped for bad rewards, more than "
+                f"reliability.max_skipped_epoch_fraction={rel.max_skipped_epoch_fraction} allows (last: {reason}); "
+                f"fix the reward or raise the fraction, then continue with --resume latest; no model was exported")
 
     def _public_counts(self) -> dict[str, int]:
         return {k: v for k, v in self.counts.items() if k != "nan_streak"}
@@ -833,13 +882,16 @@ class Trainer:
                 traj, epoch_metrics = self.sample_epoch(epoch)
                 bad = self._all_max(1.0 if traj is None else 0.0)
                 if bad:
-                    self.counts["skipped_reward_epochs"] += 1
                     msg = getattr(self, "_last_reward_error", "a reward on another rank was bad")
                     if cfg.reliability.on_bad_reward == "stop":
-                        raise BadRewardError(f"epoch {epoch}: {msg} (reliability.on_bad_reward=stop)")
+                        self.save_checkpoint()  # at the start of this epoch: a resume retries it
+                        raise BadRewardError(f"epoch {epoch}: {msg} (reliability.on_bad_reward=stop); checkpoint "
+                                             f"saved, continue with --resume latest once the reward works")
+                    self.counts["skipped_reward_epochs"] += 1
                     if self.is_main:
                         print(f"[gfnalign] epoch {epoch}: skipped ({msg})", file=sys.stderr)
                     self.epoch += 1
+                    self._check_skip_share()
                     if self._after_epoch():
                         return True
                     continue
