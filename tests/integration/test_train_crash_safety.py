@@ -119,3 +119,81 @@ def test_a_run_that_trained_nothing_fails_and_exports_nothing(pipeline, tmp_path
     with pytest.raises(TrainingFailedError, match="trained nothing"):
         trainer.train()
     assert not (tmp_path / "run2" / "final").exists()
+
+
+def test_a_raising_reward_is_skipped_and_counted(pipeline, tmp_path):
+    from gfnalign.training.build import build_components
+
+    cfg = _cfg(pipeline)
+    comps = build_components(cfg, "cpu")
+    calls = {"n": 0}
+
+    def flaky(images, prompts):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyError("scores")  # the first epoch's reward crashes
+        return comps.reward(images, prompts)
+
+    trainer = Trainer(cfg, tmp_path / "run", components=replace(comps, reward=flaky))
+    assert trainer.train() == 0
+    assert trainer.counts["skipped_reward_epochs"] == 1
+    assert [r["epoch"] for r in metrics_rows(tmp_path / "run")] == [1, 1]
+
+
+def test_an_unreachable_reward_stops_with_a_checkpoint_and_resumes_bit_exactly(pipeline, tmp_path):
+    from gfnalign.rewards.base import RewardUnreachableError
+    from gfnalign.training.build import build_components
+    from gfnalign.training.reward_guard import RewardUnavailableError
+
+    cfg = _cfg(pipeline, reliability={"reward_wait_s": 0.5})
+    clean = tmp_path / "clean"
+    assert Trainer(cfg, clean).train() == 0
+    from gfnalign.training.trainer import derive_seed, seed_everything
+
+    seed_everything(derive_seed(cfg.seed, "init"))  # the initialisation Trainer.setup would make
+    comps = build_components(cfg, "cpu")
+    state = {"calls": 0, "down": False}
+
+    def server(images, prompts):
+        state["calls"] += 1
+        if state["down"]:
+            raise RewardUnreachableError("connection refused")
+        return comps.reward(images, prompts)
+
+    def down_in_epoch_1(images, prompts):
+        state["down"] = trainer.epoch >= 1  # the first epoch is scored, then the server goes away
+        return server(images, prompts)
+
+    run = tmp_path / "run"
+    trainer = Trainer(cfg, run, components=replace(comps, reward=down_in_epoch_1))
+    with pytest.raises(RewardUnavailableError, match="checkpoint saved"):
+        trainer.train()
+    last = ckpt.latest_checkpoint(run / "checkpoints")
+    assert last is not None and ckpt.read_json(last / "state.json")["epoch"] == 1
+    assert not (run / "final").exists()
+    state["down"] = False
+    assert Trainer(cfg, run, resume="latest", components=replace(build_components(cfg, "cpu"),
+                                                                 reward=server)).train() == 0
+    assert metrics_rows(run) == metrics_rows(clean)
+    a, b = trainable(clean), trainable(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_short_outage_is_waited_out(pipeline, tmp_path):
+    from gfnalign.rewards.base import RewardUnreachableError
+    from gfnalign.training.build import build_components
+
+    cfg = _cfg(pipeline, training={"epochs": 1, "micro_batch": 2, "max_updates_per_epoch": 1},
+               reliability={"reward_wait_s": 60})
+    comps = build_components(cfg, "cpu")
+    calls = {"n": 0}
+
+    def flaky(images, prompts):
+        calls["n"] += 1
+        if calls["n"] <= 2:  # down for the first two attempts (~3 s of backoff)
+            raise RewardUnreachableError("connection refused")
+        return comps.reward(images, prompts)
+
+    trainer = Trainer(cfg, tmp_path / "run", components=replace(comps, reward=flaky))
+    assert trainer.train() == 0 and trainer.reward.waits == 2
+    assert trainer.counts["skipped_reward_epochs"] == 0

@@ -60,12 +60,13 @@ def run(args: argparse.Namespace) -> int:
               "choose another --out", file=sys.stderr)
         return 2
 
+    from gfnalign.training.reward_guard import RewardUnavailableError
     from gfnalign.training.trainer import BadRewardError, NanLossError, Trainer, TrainingFailedError
 
     trainer = Trainer(cfg, run_dir, resume=args.resume, stop_after_updates=args.stop_after_updates)
     try:
         return trainer.train()
-    except (NanLossError, BadRewardError, TrainingFailedError) as err:
+    except (NanLossError, BadRewardError, TrainingFailedError, RewardUnavailableError) as err:
         print(f"gfnalign train: stopped: {err}", file=sys.stderr)
         return 1
     except (ConfigError, FileNotFoundError, ckpt.CheckpointError) as err:

@@ -11,6 +11,7 @@ from gfnalign.rewards.base import (
     MissingDependencyError,
     Reward,
     RewardOutputError,
+    RewardUnreachableError,
     check_inputs,
     check_output,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "Reward",
     "RewardInfo",
     "RewardOutputError",
+    "RewardUnreachableError",
     "build_reward",
     "check_inputs",
     "check_output",

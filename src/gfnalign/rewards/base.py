@@ -36,6 +36,14 @@ class RewardOutputError(ValueError):
         super().__init__(f"reward '{reward_name}' returned unusable scores: {reason}")
 
 
+class RewardUnreachableError(RuntimeError):
+    """The reward's service (e.g. a reward server) cannot be reached right now; a later call may succeed.
+
+    Raise it (or a subclass) from a reward that talks to a service: the trainer then waits with backoff up to
+    ``reliability.reward_wait_s`` instead of skipping the epoch.
+    """
+
+
 class MissingDependencyError(ImportError):
     """An optional package needed by one reward is not installed; the message holds the pip command."""
 

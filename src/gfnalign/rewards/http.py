@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from gfnalign.rewards.base import Reward, RewardOutputError, check_inputs
+from gfnalign.rewards.base import Reward, RewardOutputError, RewardUnreachableError, check_inputs
 
 FORMATS = ("png", "safetensors")
 SAFETENSORS_CONTENT_TYPE = "application/x-safetensors"
@@ -43,6 +43,10 @@ RETRY_STATUS = (502, 503, 504)
 
 class RewardServerError(RuntimeError):
     """The reward server could not be reached (after retries) or answered with an error."""
+
+
+class RewardServerUnreachable(RewardServerError, RewardUnreachableError):
+    """No answer after the client's retries (connection refused, timeouts, 502/503/504): the trainer waits."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -185,7 +189,7 @@ class HttpReward(Reward):
                 reason = getattr(err, "reason", err)
                 last_error = f"{type(reason).__name__}: {reason}"
         else:
-            raise RewardServerError(
+            raise RewardServerUnreachable(
                 f"reward server at {self.url} did not answer after {attempts} attempt(s) over "
                 f"{time.monotonic() - start:.1f} s (last error: {last_error}). Is it running? Start one with "
                 "`gfnalign rewards serve --reward NAME --port PORT`, or check url/timeout/retries."

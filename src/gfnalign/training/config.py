@@ -15,7 +15,8 @@ Layout of a config file (every key optional except ``method.name``; see ``config
     training: {epochs, micro_batch, grad_accum, lr, lr_heads, weight_decay, ...}
     lookahead: {mode: cached | recompute, model: policy | reference, guided: true}
     logging: {sample_every, checkpoint_every, keep_checkpoints, tensorboard, progress, ...}
-    reliability: {max_nan_streak, on_bad_reward: skip | stop, max_skipped_epoch_fraction}
+    reliability: {max_nan_streak, on_bad_reward: skip | stop, max_skipped_epoch_fraction, reward_timeout_s,
+                  reward_wait_s}
 """
 
 from __future__ import annotations
@@ -128,6 +129,8 @@ class ReliabilityConfig:
     on_bad_reward: str = "skip"  # skip | stop, for NaN/inf rewards or a reward error
     # the run fails (no export) once more than this share of its epochs was skipped for bad rewards
     max_skipped_epoch_fraction: float = 0.5
+    reward_timeout_s: float | None = 600.0  # per reward call; a call that takes longer is a bad reward (null: none)
+    reward_wait_s: float = 300.0  # how long to wait (with backoff) for an unreachable reward service, then stop
 
 
 @dataclass

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from gfnalign.core.batches import TrajectoryBatch, TransitionBatch
+from gfnalign.rewards.base import RewardOutputError
 from gfnalign.training import checkpoint as ckpt
 from gfnalign.training.build import Components, build_components
 from gfnalign.training.config import TrainConfig
@@ -52,6 +53,7 @@ from gfnalign.training.engine import (
     make_accelerator,
 )
 from gfnalign.training.lookahead import Counters, CountingPolicy, RewardLookahead
+from gfnalign.training.reward_guard import GuardedReward, RewardUnavailableError
 
 
 class NanLossError(RuntimeError):
@@ -205,8 +207,9 @@ class Trainer:
 
         seed_everything(derive_seed(cfg.seed, "init"))  # identical model / head init on every rank
         comps = self._components or build_components(cfg, self.device)
-        self.backbone, self.reward, self.prompt_set, self.objective = (
-            comps.backbone, comps.reward, comps.prompts, comps.objective)
+        self.backbone, self.prompt_set, self.objective = comps.backbone, comps.prompts, comps.objective
+        rel = cfg.reliability  # a crashing / hanging reward is a bad reward; an unreachable one is waited for
+        self.reward = GuardedReward(comps.reward, timeout_s=rel.reward_timeout_s, wait_s=rel.reward_wait_s)
         self.all_prompts = prompt_list(self.prompt_set)
         self.objective.to(self.device)
         self.objective.train()
@@ -443,10 +446,15 @@ class Trainer:
             mb = mb.to(self.device)
             acc.sync_gradients = last  # the accumulation boundary: gradients are reduced (DeepSpeed steps) here
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                with acc.autocast():
-                    out = self.model(lambda mb=mb: self.objective(mb, self.policy, self.lookahead, beta=beta))
+                try:
+                    with acc.autocast():
+                        out = self.model(lambda mb=mb: self.objective(mb, self.policy, self.lookahead, beta=beta))
+                    local_bad = 0.0 if _finite(out.loss.detach()) else 1.0
+                except RewardOutputError as err:  # a bad lookahead reward: skip this update like a NaN loss
+                    self._last_reward_error = str(err)
+                    local_bad = 1.0
                 # every rank takes the same branch: a backward on some ranks only would hang the reduction
-                bad = self._all_max(0.0 if _finite(out.loss.detach()) else 1.0)
+                bad = self._all_max(local_bad)
                 if bad:
                     break
                 acc.backward(out.loss * scale)
@@ -879,7 +887,12 @@ class Trainer:
                 ckpt.set_rng_state(self._resume_rng)
             else:
                 seed_everything(derive_seed(cfg.seed, "epoch", self.rank, epoch))
-                traj, epoch_metrics = self.sample_epoch(epoch)
+                try:
+                    traj, epoch_metrics = self.sample_epoch(epoch)
+                except RewardUnavailableError as err:
+                    self.save_checkpoint()  # at the start of this epoch: a resume samples it again
+                    raise RewardUnavailableError(f"epoch {epoch}: {err}; checkpoint saved, continue with "
+                                                 "--resume latest once the reward is reachable") from None
                 bad = self._all_max(1.0 if traj is None else 0.0)
                 if bad:
                     msg = getattr(self, "_last_reward_error", "a reward on another rank was bad")
@@ -913,7 +926,19 @@ class Trainer:
             bar = tqdm(range(start, len(updates)), desc=f"epoch {epoch + 1}/{cfg.training.epochs}",
                        disable=not (cfg.logging.progress and self.is_main), leave=False)
             for u in bar:
-                m = self._update(updates[u], beta)
+                rng_before = ckpt.rng_state() if cfg.lookahead.mode == "recompute" else None
+                try:
+                    m = self._update(updates[u], beta)
+                except RewardUnavailableError as err:  # (lookahead: recompute) keep the epoch, redo this update
+                    if rng_before is not None:
+                        ckpt.set_rng_state(rng_before)
+                    self.save_checkpoint({
+                        "updates": [[_batch_to_dict(mb) for mb in mbs] for mbs in updates],
+                        "next_update": u, "epoch_metrics": epoch_metrics,
+                        "prompt_cond": self._epoch_prompts[0], "prompt_texts": list(self._epoch_prompts[1] or []),
+                    })
+                    raise RewardUnavailableError(f"epoch {epoch}, update {u}: {err}; checkpoint saved, continue "
+                                                 "with --resume latest once the reward is reachable") from None
                 self.step += 1
                 row = {"step": self.step, "epoch": epoch, "update_in_epoch": u, "beta": beta}
                 row.update(m)
