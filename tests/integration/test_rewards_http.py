@@ -162,7 +162,7 @@ def test_cli_list_and_serve_subprocess(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     try:
-        reward = build_reward({"name": "http", "url": f"http://127.0.0.1:{port}/score", "retries": 8,
+        reward = build_reward({"name": "http", "url": f"http://127.0.0.1:{port}/score", "retries": 20,
                                "backoff": 0.25, "max_backoff": 2.0, "timeout": 10})
         x = _images(2)
         try:

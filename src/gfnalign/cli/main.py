@@ -55,7 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"gfnalign {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the last line of defence: one line, never a raw traceback
+        if os.environ.get("GFNALIGN_DEBUG") == "1":
+            raise
+        text = " ".join(str(err).split())[:500]
+        print(f"gfnalign {args.command}: error: {type(err).__name__}: {text} "
+              "(set GFNALIGN_DEBUG=1 to see the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ train ...``: every process runs this command; rank 0 writes the run directory.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -33,8 +34,20 @@ def resolve_config_path(value: str) -> Path:
     return preset if preset is not None else path
 
 
+def check_output_dir(run_dir: Path) -> None:
+    """``--out`` must be a folder we can create and write (checked before any model loads)."""
+    from gfnalign.training.config import ConfigError
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {str(run_dir)!r} is a file, not a folder; choose another --out")
+    parent = run_dir if run_dir.exists() else next((p for p in run_dir.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {str(run_dir)!r} cannot be created or written here (no write permission on "
+                          f"{str(parent)!r}); choose another --out")
+
+
 def run(args: argparse.Namespace) -> int:
-    from gfnalign.training.config import ConfigError, TrainConfig
+    from gfnalign.training.config import ConfigError, TrainConfig, check_resources
 
     out = Path(args.out) if args.out else None
     try:
@@ -46,13 +59,15 @@ def run(args: argparse.Namespace) -> int:
             print("gfnalign train: --config FILE is required (or --out RUN --resume latest for an existing run)",
                   file=sys.stderr)
             return 2
+        check_resources(cfg)
+        run_dir = out if out is not None else Path("runs") / cfg.run_name
+        check_output_dir(run_dir)
     except ConfigError as err:
         print(f"gfnalign train: config error: {err}", file=sys.stderr)
         return 2
     if args.validate_only:
         print("config OK")
         return 0
-    run_dir = out if out is not None else Path("runs") / cfg.run_name
     from gfnalign.training import checkpoint as ckpt
 
     if not args.resume and ckpt.latest_checkpoint(run_dir / "checkpoints") is not None:

@@ -106,6 +106,11 @@ def _import_target(target: str, what: str) -> Any:
 
 def _call_with_options(factory: Callable[..., Reward], options: dict[str, Any], name: str) -> Reward:
     """Call ``factory(**options)``; an unknown option becomes an error listing the allowed ones."""
+    _check_options(factory, options, name)
+    return factory(**options)
+
+
+def _check_options(factory: Callable[..., Reward], options: dict[str, Any], name: str) -> None:
     try:
         sig = inspect.signature(factory)
     except (TypeError, ValueError):
@@ -117,7 +122,46 @@ def _call_with_options(factory: Callable[..., Reward], options: dict[str, Any], 
             raise ValueError(
                 f"reward {name!r}: unknown option(s) {unknown}; allowed options: {', '.join(allowed) or '(none)'}"
             )
-    return factory(**options)
+
+
+def check_reward_spec(spec: Any) -> None:
+    """Everything :func:`build_reward` checks about ``spec`` without constructing the reward (no model loads):
+    the name is registered or an importable ``module:function`` that is callable, and every option is known.
+    Raises ``ValueError`` / ``TypeError`` with the same messages as :func:`build_reward`."""
+    if isinstance(spec, Reward) or (callable(spec) and not isinstance(spec, str | Mapping)):
+        return
+    if isinstance(spec, Mapping):
+        options = dict(spec)
+        if "name" not in options:
+            raise ValueError(f"reward spec dict needs a 'name' key (a registered reward or 'module:function'), "
+                             f"got keys {sorted(options)}")
+        name = options.pop("name")
+    elif isinstance(spec, str):
+        name, options = spec, {}
+    else:
+        raise TypeError(f"reward spec must be a name, a dict or a callable, got {type(spec).__name__}")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"reward name must be a non-empty string, got {name!r}")
+    _ensure_builtins()
+    if name in _REGISTRY:
+        _check_options(_import_target(_REGISTRY[name].target, f"reward {name!r}"), options, name)
+        return
+    if ":" in name:
+        fn = _import_target(name, f"reward {name!r}")
+        if isinstance(fn, type) and issubclass(fn, Reward):
+            _check_options(fn, options, name)
+        elif not callable(fn):
+            raise ValueError(f"reward {name!r} is a {type(fn).__name__}, not a callable f(images, prompts) -> scores")
+        elif not isinstance(fn, Reward):
+            unknown = sorted(set(options) - {"differentiable", "device", "display_name"})
+            if unknown:
+                raise ValueError(f"reward {name!r} (a callable): unknown option(s) {unknown}; allowed: "
+                                 "['device', 'differentiable', 'display_name']")
+        return
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(f"unknown reward {name!r}.{hint} Available: {', '.join(sorted(_REGISTRY))}; or give "
+                     "'package.module:function' for any f(images, prompts) -> scores.")
 
 
 def build_reward(spec: str | Mapping[str, Any] | Reward | Callable[..., Any], **overrides: Any) -> Reward:

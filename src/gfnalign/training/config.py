@@ -170,7 +170,13 @@ class TrainConfig:
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist; pass --config with a YAML file "
                               "(see `gfnalign list` for the shipped presets)")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            reason = getattr(err, "problem", None) or type(err).__name__
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML{at} ({reason}); fix the file") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level, got {type(data).__name__}")
         return cls.from_dict(apply_overrides(data, overrides or []))
@@ -286,6 +292,44 @@ def _deepcopy(x: Any) -> Any:
 
 
 # -- validation ------------------------------------------------------------------------------------------
+# Three layers, all before any model loads, each error one line naming the field, the value and the fix:
+#   1. types, from the dataclass annotations (a new option gets its type check for free; floats finite);
+#   2. per-field value rules (FIELD_RULES; extend with register_rule);
+#   3. cross-field checks (CHECKS; extend with register_check): method and its options (built on a dummy
+#      shape by the objective's own constructor), the reward spec (importable, callable, options known);
+#   4. resources (RESOURCE_CHECKS, run by `gfnalign train` before any model loads, not by TrainConfig.load, so
+#      presets that name files still load elsewhere): prompt files readable and non-empty, backbone folders.
+# Allowed names come from the registries (objectives, rewards, prompt sets), never from fixed lists.
+
+
+@dataclass(frozen=True)
+class Rule:
+    ok: Any  # Callable[[value], bool]
+    allowed: str  # what is allowed, in words ("a number > 0")
+
+
+FIELD_RULES: dict[str, Rule] = {}
+CHECKS: list[Any] = []  # Callable[[TrainConfig], None], raising ConfigError
+RESOURCE_CHECKS: list[Any] = []  # the same, for checks that read files
+
+
+def register_rule(path: str, ok: Any, allowed: str) -> None:
+    """Add (or replace) the value rule of field ``path`` (e.g. ``"sampling.num_steps"``)."""
+    FIELD_RULES[path] = Rule(ok, allowed)
+
+
+def register_check(check: Any) -> Any:
+    """Add a whole-config check ``check(cfg)`` raising :class:`ConfigError`; usable as a decorator."""
+    CHECKS.append(check)
+    return check
+
+
+def register_resource_check(check: Any) -> Any:
+    """Add a check that reads files (prompt files, model folders); run by :func:`check_resources`."""
+    RESOURCE_CHECKS.append(check)
+    return check
+
+
 def _choice(path: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{path}={value!r} is not allowed; use one of: {', '.join(allowed)}")
@@ -298,6 +342,149 @@ def _positive(path: str, value: float, *, allow_zero: bool = False) -> None:
         raise ConfigError(f"{path}={value!r} is not allowed; it must be a finite number {bound}")
 
 
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:400] + ("..." if len(text) > 400 else "")
+
+
+# 1. types ------------------------------------------------------------------------------------------------
+def _type_error(path: str, value: Any, want: str) -> ConfigError:
+    return ConfigError(f"{path}={value!r} is not allowed; it must be {want}")
+
+
+def _check_value_type(path: str, value: Any, hint: Any) -> None:
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return
+        real = [h for h in options if h is not type(None)]
+        if len(real) == 1:
+            return _check_value_type(path, value, real[0])
+        return  # a free-form union (Any-like): checked by its own rules
+    if hint is Any or hint is object:
+        return
+    if value is None:
+        raise _type_error(path, value, f"set ({_type_name(hint)}); null is not allowed here")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise _type_error(path, value, "true or false")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _type_error(path, value, "an integer")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _type_error(path, value, "a number")
+        if not math.isfinite(value):
+            raise _type_error(path, value, "a finite number (not NaN or infinity)")
+    elif hint is str:
+        if not isinstance(value, str):
+            raise _type_error(path, value, "a string")
+    elif origin is list:
+        if not isinstance(value, list):
+            raise _type_error(path, value, "a list")
+        (item,) = typing.get_args(hint) or (Any,)
+        for i, v in enumerate(value):
+            _check_value_type(f"{path}[{i}]", v, item)
+    elif origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(path, value, "a mapping")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint))
+
+
+def _check_types(obj: Any, prefix: str) -> None:
+    import typing
+
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        path = f"{prefix}{f.name}"
+        if path in _FREEFORM:
+            continue
+        if dataclasses.is_dataclass(value):
+            _check_types(value, path + ".")
+        else:
+            _check_value_type(path, value, hints[f.name])
+
+
+# 2. per-field value rules --------------------------------------------------------------------------------
+def _gt0(v: Any) -> bool:
+    return v > 0
+
+
+def _ge0(v: Any) -> bool:
+    return v >= 0
+
+
+def _fraction(v: Any) -> bool:
+    return 0 <= v <= 1
+
+
+for _path in ("backbone.lora_alpha", "sampling.num_steps", "sampling.guidance_scale", "sampling.batch_size",
+              "sampling.batches_per_epoch", "training.epochs", "training.micro_batch", "training.grad_accum",
+              "training.lr", "training.lr_heads", "training.adam_eps", "training.max_updates_per_epoch",
+              "logging.log_every", "logging.grid_prompts", "logging.checkpoint_every", "logging.keep_checkpoints",
+              "reliability.max_nan_streak", "reliability.reward_timeout_s"):
+    register_rule(_path, _gt0, "> 0")
+for _path in ("beta.value", "training.weight_decay", "training.weight_decay_heads", "logging.sample_every",
+              "logging.eval_samples", "reliability.reward_wait_s"):
+    register_rule(_path, _ge0, ">= 0")
+register_rule("seed", lambda v: 0 <= v < 2**63, "an integer in [0, 2^63)")
+register_rule("run_name", lambda v: bool(v) and "/" not in v and "\\" not in v and v not in (".", ".."),
+              "a non-empty name without slashes (it names the folder runs/<run_name>)")
+register_rule("backbone.kind", lambda v: v in BACKBONE_KINDS, f"one of: {', '.join(BACKBONE_KINDS)}")
+register_rule("backbone.dtype", lambda v: v in DTYPES, f"one of: {', '.join(DTYPES)}")
+register_rule("backbone.heads", lambda v: v in ("backbone", "generic"), "one of: backbone, generic")
+register_rule("backbone.lora_rank", _ge0, ">= 0 (> 0 unless backbone.full_finetune: true)")
+register_rule("backbone.lora_targets", lambda v: all(isinstance(x, str) and x.strip() for x in v),
+              "a list of module names such as [to_q, to_k, to_v, to_out.0]")
+register_rule("method.name", lambda v: bool(v), "a method name (see `gfnalign list`)")
+register_rule("beta.schedule", lambda v: v in BETA_SCHEDULES, f"one of: {', '.join(BETA_SCHEDULES)}")
+register_rule("beta.warmup_fraction", lambda v: 0 < v <= 1, "a number with 0 < fraction <= 1")
+register_rule("sampling.eta", lambda v: 0 < v <= 1,
+              "0 < eta <= 1: the forward kernel needs a density (1 is DDPM's posterior)")
+register_rule("sampling.log_prob_reduction", lambda v: v in REDUCTIONS, f"one of: {', '.join(REDUCTIONS)}")
+register_rule("sampling.start", lambda v: v in SAMPLING_STARTS, f"one of: {', '.join(SAMPLING_STARTS)}")
+register_rule("sampling.start_candidates", _gt0, "> 0")
+register_rule("training.adam_betas", lambda v: len(v) == 2 and all(0 <= x < 1 for x in v),
+              "two numbers in [0, 1), e.g. [0.9, 0.999]")
+register_rule("training.mixed_precision", lambda v: v in MIXED_PRECISION, f"one of: {', '.join(MIXED_PRECISION)}")
+register_rule("lookahead.mode", lambda v: v in LOOKAHEAD_MODES, f"one of: {', '.join(LOOKAHEAD_MODES)}")
+register_rule("lookahead.model", lambda v: v in LOOKAHEAD_MODELS, f"one of: {', '.join(LOOKAHEAD_MODELS)}")
+register_rule("reliability.on_bad_reward", lambda v: v in ON_BAD_REWARD, f"one of: {', '.join(ON_BAD_REWARD)}")
+register_rule("reliability.max_skipped_epoch_fraction", _fraction,
+              "a number in [0, 1] (the share of epochs that may be skipped for bad rewards)")
+
+
+def _get(cfg: Any, path: str) -> tuple[bool, Any]:
+    node = cfg
+    for part in path.split("."):
+        if not hasattr(node, part):
+            return False, None
+        node = getattr(node, part)
+    return True, node
+
+
+def _check_rules(cfg: TrainConfig) -> None:
+    for path, rule in FIELD_RULES.items():
+        found, value = _get(cfg, path)
+        if not found or value is None:
+            continue
+        try:
+            ok = bool(rule.ok(value))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"{path}={value!r} is not allowed; use {rule.allowed}")
+
+
+# 3. whole-config checks ----------------------------------------------------------------------------------
 def known_methods() -> tuple[str, ...]:
     """The static method list plus whatever the objectives registry has (when it imports)."""
     names = set(KNOWN_METHODS)
@@ -332,10 +519,9 @@ def _known_rewards() -> tuple[str, ...] | None:
         return None
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Check every value that can be checked without loading a model. Raises :class:`ConfigError`."""
+@register_check
+def _check_backbone(cfg: TrainConfig) -> None:
     b = cfg.backbone
-    _choice("backbone.kind", b.kind, BACKBONE_KINDS)
     if b.kind in ("sd", "sdxl", "python") and not b.path:
         what = "'module:function'" if b.kind == "python" else "a diffusers folder or hub id"
         raise ConfigError(f"backbone.path={b.path!r} is not allowed for backbone.kind={b.kind}; give {what}")
@@ -348,87 +534,117 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(str(err)) from None
     if b.kind == "python" and ":" not in str(b.path):
         raise ConfigError(f"backbone.path={b.path!r} must look like 'package.module:function' for kind python")
-    _choice("backbone.dtype", b.dtype, DTYPES)
-    _choice("backbone.heads", b.heads, ("backbone", "generic"))
     if b.image_size is not None and (isinstance(b.image_size, bool) or not isinstance(b.image_size, int)
                                      or b.image_size <= 0):
         raise ConfigError(f"backbone.image_size={b.image_size!r} must be a positive int (e.g. 1024 for SDXL) or null")
     if not b.full_finetune:
-        _positive("backbone.lora_rank", b.lora_rank)
-        _positive("backbone.lora_alpha", b.lora_alpha)
+        if b.lora_rank <= 0:
+            raise ConfigError(f"backbone.lora_rank={b.lora_rank!r} is not allowed; use > 0, or set "
+                              "backbone.full_finetune: true")
         if not b.lora_targets:
-            raise ConfigError("backbone.lora_targets=[] is not allowed; list module names such as to_q, to_k, to_v, to_out.0")
+            raise ConfigError("backbone.lora_targets=[] is not allowed; list module names such as to_q, to_k, "
+                              "to_v, to_out.0")
 
+
+@register_check
+def _check_method(cfg: TrainConfig) -> None:
     methods = known_methods()
     if cfg.method.name not in methods:
         raise ConfigError(f"method.name={cfg.method.name!r} is not allowed; use one of: {', '.join(methods)}")
-    if not isinstance(cfg.method.options, dict):
-        raise ConfigError(f"method.options={cfg.method.options!r} must be a mapping")
     accepted = _method_options(cfg.method.name)
     for key in cfg.method.options:
+        if not isinstance(key, str):
+            raise ConfigError(f"method.options key {key!r} must be a string (an option name)")
         if accepted and key not in accepted:
             raise ConfigError(f"method.options.{key}={cfg.method.options[key]!r} is not an option of method "
                               f"{cfg.method.name!r}; allowed: {', '.join(sorted(accepted))}")
+    for key, value in cfg.method.options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"method.options.{key}={value!r} is not allowed; use a finite number")
+    _try_build_objective(cfg)
 
-    _positive("beta.value", cfg.beta.value, allow_zero=True)
-    _choice("beta.schedule", cfg.beta.schedule, BETA_SCHEDULES)
-    if not 0 < cfg.beta.warmup_fraction <= 1:
-        raise ConfigError(f"beta.warmup_fraction={cfg.beta.warmup_fraction!r} is not allowed; use 0 < fraction <= 1")
 
-    s = cfg.sampling
-    _positive("sampling.num_steps", s.num_steps)
-    _positive("sampling.guidance_scale", s.guidance_scale)
-    if not 0 < s.eta <= 1:
-        raise ConfigError(
-            f"sampling.eta={s.eta!r} is not allowed: the forward kernel needs a density (use 0 < eta <= 1; "
-            "1 is DDPM's posterior)"
-        )
-    _choice("sampling.log_prob_reduction", s.log_prob_reduction, REDUCTIONS)
-    _choice("sampling.start", s.start, SAMPLING_STARTS)
-    _positive("sampling.start_candidates", s.start_candidates)
-    _positive("sampling.batch_size", s.batch_size)
-    _positive("sampling.batches_per_epoch", s.batches_per_epoch)
+def _try_build_objective(cfg: TrainConfig) -> None:
+    """Construct the objective on a small dummy latent shape: its own constructor checks the option values."""
+    try:
+        import gfnalign.objectives  # noqa: F401
+        from gfnalign.objectives.base import REGISTRY
+        from gfnalign.objectives.base import build_objective as _build
+        from gfnalign.training.build import _init_parameters
+    except Exception:  # noqa: BLE001 - objectives not importable: the names were checked above
+        return
+    factory = REGISTRY.get(cfg.method.name)
+    if factory is None:
+        return
+    accepted = _init_parameters(factory)
+    dummy = {"eta": cfg.sampling.eta, "state_shape": (4, 4, 4), "cond_dim": 8, "num_train_timesteps": 1000}
+    options = {k: v for k, v in dummy.items() if not accepted or k in accepted}
+    options.update(cfg.method.options)
+    try:
+        _build(cfg.method.name, **options)
+    except (ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"method.options={dict(cfg.method.options)!r} rejected by method {cfg.method.name!r}: "
+                          f"{_one_line(err)}") from None
 
-    t = cfg.training
-    _positive("training.epochs", t.epochs)
-    _positive("training.micro_batch", t.micro_batch)
-    _positive("training.grad_accum", t.grad_accum)
-    _positive("training.lr", t.lr)
-    _positive("training.lr_heads", t.lr_heads)
-    _positive("training.weight_decay", t.weight_decay, allow_zero=True)
-    _positive("training.weight_decay_heads", t.weight_decay_heads, allow_zero=True)
-    if len(t.adam_betas) != 2 or not all(0 <= float(x) < 1 for x in t.adam_betas):
-        raise ConfigError(f"training.adam_betas={t.adam_betas!r} is not allowed; use two numbers in [0, 1), e.g. [0.9, 0.999]")
-    _positive("training.adam_eps", t.adam_eps)
-    _choice("training.mixed_precision", t.mixed_precision, MIXED_PRECISION)
-    if t.max_updates_per_epoch is not None:
-        _positive("training.max_updates_per_epoch", t.max_updates_per_epoch)
 
-    _choice("lookahead.mode", cfg.lookahead.mode, LOOKAHEAD_MODES)
-    _choice("lookahead.model", cfg.lookahead.model, LOOKAHEAD_MODELS)
-
-    lg = cfg.logging
-    _positive("logging.log_every", lg.log_every)
-    _positive("logging.sample_every", lg.sample_every, allow_zero=True)
-    _positive("logging.grid_prompts", lg.grid_prompts)
-    _positive("logging.checkpoint_every", lg.checkpoint_every)
-    _positive("logging.keep_checkpoints", lg.keep_checkpoints)
-    _positive("logging.eval_samples", lg.eval_samples, allow_zero=True)
-
-    _positive("reliability.max_nan_streak", cfg.reliability.max_nan_streak)
-    _choice("reliability.on_bad_reward", cfg.reliability.on_bad_reward, ON_BAD_REWARD)
-    f = cfg.reliability.max_skipped_epoch_fraction
-    if not (math.isfinite(f) and 0 <= f <= 1):
-        raise ConfigError(f"reliability.max_skipped_epoch_fraction={f!r} is not allowed; use a number in [0, 1] "
-                          "(the share of epochs that may be skipped for bad rewards)")
-
-    if isinstance(cfg.reward, str) and cfg.reward and ":" not in cfg.reward and "/" not in cfg.reward \
-            and not cfg.reward.startswith(("http", "composite")):
-        names = _known_rewards()
-        if names is not None and cfg.reward not in names:
-            raise ConfigError(f"reward={cfg.reward!r} is not allowed; use one of: {', '.join(names)} "
-                              "(or a mapping / 'module:function' for custom rewards)")
+@register_check
+def _check_reward(cfg: TrainConfig) -> None:
     if cfg.reward in (None, ""):
         raise ConfigError("reward=None is not allowed; name a reward (see `gfnalign list`)")
-    if cfg.prompts in (None, ""):
+    try:
+        from gfnalign.rewards.registry import check_reward_spec
+    except Exception:  # noqa: BLE001 - the rewards package is not importable: build_reward will say why
+        return
+    try:
+        check_reward_spec(cfg.reward)
+    except (ValueError, TypeError, ImportError) as err:
+        raise ConfigError(f"reward={cfg.reward!r} is not allowed: {_one_line(err)}") from None
+
+
+@register_resource_check
+def _check_backbone_path(cfg: TrainConfig) -> None:
+    b = cfg.backbone
+    if b.kind == "digits" and b.path is not None and not (Path(b.path).expanduser() / "model_index.json").is_file():
+        raise ConfigError(f"backbone.path={b.path!r} is not a diffusers pipeline folder (no model_index.json); "
+                          "leave it null for the shipped digits model")
+    if b.kind in ("sd", "sdxl") and b.path and (b.path.startswith((".", "/", "~")) or Path(b.path).expanduser().exists()):
+        if not (Path(b.path).expanduser() / "model_index.json").is_file():
+            raise ConfigError(f"backbone.path={b.path!r} is not a diffusers pipeline folder (no model_index.json); "
+                              "give a folder saved with save_pretrained or a hub id")
+
+
+@register_resource_check
+def _check_prompts(cfg: TrainConfig) -> None:
+    spec = cfg.prompts
+    if spec in (None, ""):
         raise ConfigError("prompts=None is not allowed; name a prompt set or a prompt file (see `gfnalign list`)")
+    if not isinstance(spec, str | dict | list):
+        raise ConfigError(f"prompts={spec!r} is not allowed; give a prompt-set name, a file path or "
+                          "{path: FILE, ...}")
+    if isinstance(spec, list) and not all(isinstance(p, str) and p.strip() for p in spec):
+        raise ConfigError(f"prompts={spec!r} is not allowed; a list of prompts must hold non-empty strings")
+    try:
+        from gfnalign.training.build import build_prompts
+
+        prompt_set = build_prompts(cfg)
+        n = len(list(getattr(prompt_set, "prompts", None) or prompt_set))
+    except ImportError:
+        return
+    except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError) as err:
+        raise ConfigError(f"prompts={spec!r} is not usable: {_one_line(err)}") from None
+    if n == 0:
+        raise ConfigError(f"prompts={spec!r} holds no prompts; give a file with at least one prompt")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check every value that can be checked without loading a model. Raises :class:`ConfigError`."""
+    _check_types(cfg, "")
+    _check_rules(cfg)
+    for check in CHECKS:
+        check(cfg)
+
+
+def check_resources(cfg: TrainConfig) -> None:
+    """The file checks (prompt files, model folders): run before any model loads. Raises :class:`ConfigError`."""
+    for check in RESOURCE_CHECKS:
+        check(cfg)
