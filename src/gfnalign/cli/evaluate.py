@@ -58,17 +58,9 @@ def _prompt_list(prompt_set) -> list[str]:
 
 def load_weights(backbone, folder: Path) -> None:
     """Load a diffusers-format LoRA folder (``final/``) or a trainer checkpoint (``checkpoints/step_N``)."""
-    import torch
+    from gfnalign.cli.weights import load_into
 
-    if not folder.is_dir():
-        raise SystemExit(f"gfnalign eval: LoRA folder {folder} does not exist; pass --lora DIR or --lora none")
-    if (folder / "trainable.pt").is_file():
-        backbone.load_trainable_state_dict(torch.load(folder / "trainable.pt", map_location="cpu"))
-    elif (folder / "pytorch_lora_weights.safetensors").is_file() or (folder / "unet").is_dir():
-        backbone.load_adapter(folder)
-    else:
-        raise SystemExit(f"gfnalign eval: {folder} holds neither pytorch_lora_weights.safetensors nor a checkpoint's "
-                         "trainable.pt; pass RUN/final or RUN/checkpoints/step_N")
+    load_into(backbone, folder)
 
 
 def _auto_features(kind: str) -> str:
@@ -84,20 +76,41 @@ def _auto_features(kind: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from gfnalign.cli.weights import WeightsError
+    from gfnalign.training.checkpoint import CheckpointError
+    from gfnalign.training.config import ConfigError
+
+    try:
+        return _run(args)
+    except (WeightsError, CheckpointError, ConfigError, FileNotFoundError) as err:
+        print(f"gfnalign eval: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from gfnalign.cli.weights import WeightsError, positive_int
     from gfnalign.evaluation.evaluate import evaluate_backbone, markdown_report
     from gfnalign.evaluation.features import build_features
     from gfnalign.training.build import build_backbone, build_reward
     from gfnalign.training.config import TrainConfig
 
     if args.run is None and args.config is None:
-        raise SystemExit("gfnalign eval: pass --run RUN_DIR (or --config FILE together with --lora DIR)")
-    if args.samples < 2:
-        raise SystemExit(f"gfnalign eval: --samples={args.samples} must be at least 2 (diversity needs pairs)")
+        raise WeightsError("pass --run RUN_DIR (or --config FILE together with --lora DIR)")
+    positive_int(args.samples, "--samples", "eval", minimum=2)  # diversity needs pairs
+    positive_int(args.batch_size, "--batch-size", "eval")
+    positive_int(args.max_prompts, "--max-prompts", "eval")
+    positive_int(args.seed, "--seed", "eval", minimum=0)
+    if args.lora is not None and str(args.lora) != "none" and not Path(args.lora).is_dir():
+        raise WeightsError(f"--lora {str(args.lora)!r} does not exist; pass RUN/final, RUN/checkpoints/step_N "
+                           "or none")
+
     cfg_path = args.config or (args.run / "config.yaml")
     if not cfg_path.is_file():
-        raise SystemExit(f"gfnalign eval: {cfg_path} not found; --run must be a directory written by `gfnalign train`")
+        raise WeightsError(f"{cfg_path} not found; --run must be a directory written by `gfnalign train`")
     cfg = TrainConfig.load(cfg_path, args.overrides)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 

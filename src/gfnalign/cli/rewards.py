@@ -29,6 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p_serve.add_argument("--device", default=None, help="device for the reward (default: cpu)")
     p_serve.add_argument("--max-body-mb", type=float, default=512, help="largest accepted request body")
     p_serve.add_argument("--verbose", action="store_true", help="log every request")
+    p_serve.add_argument("--token", default=None,
+                         help="shared secret clients must send as 'Authorization: Bearer TOKEN' (default: "
+                              "$GFNALIGN_REWARD_TOKEN; required when --host is not loopback)")
+    p_serve.add_argument("--max-concurrent", type=int, default=4,
+                         help="requests handled at once; more get 503 (the client retries)")
+    p_serve.add_argument("--read-timeout", type=float, default=30.0,
+                         help="seconds a client may stay silent mid-request (or idle on a kept connection)")
 
 
 def _reward_spec(args: argparse.Namespace):
@@ -83,15 +90,23 @@ def run(args: argparse.Namespace) -> int:
               "differentiable: true).")
         return 0
     if command == "serve":
-        from gfnalign.rewards.http import make_reward_server
+        import os
+
+        from gfnalign.rewards.http import is_loopback, make_reward_server
 
         spec = _reward_spec(args)
-        if args.host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"warning: serving on {args.host}, reachable from other machines; the server has no "
-                  "authentication", file=sys.stderr)
+        token = args.token or os.environ.get("GFNALIGN_REWARD_TOKEN") or None
+        if not is_loopback(args.host) and not token:
+            print(f"error: --host {args.host} is reachable from other machines; give a shared secret with --token "
+                  "or GFNALIGN_REWARD_TOKEN (clients send it as the http reward's token option)", file=sys.stderr)
+            return 2
+        if args.max_concurrent < 1 or not args.read_timeout > 0 or not args.max_body_mb > 0:
+            print("error: --max-concurrent must be >= 1, --read-timeout and --max-body-mb > 0", file=sys.stderr)
+            return 2
         try:
             server = make_reward_server(
-                spec, args.host, args.port, max_body_mb=args.max_body_mb, verbose=args.verbose
+                spec, args.host, args.port, max_body_mb=args.max_body_mb, verbose=args.verbose, token=token,
+                max_concurrent=args.max_concurrent, read_timeout=args.read_timeout,
             )
         except (ValueError, TypeError, OSError, ImportError) as err:  # bad spec, missing file/package, port in use
             print(f"error: {err}", file=sys.stderr)

@@ -25,15 +25,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gfnalign.cli.weights import WeightsError
+    from gfnalign.training.checkpoint import CheckpointError
+    from gfnalign.training.config import ConfigError
+
+    try:
+        return _run(args)
+    except (WeightsError, CheckpointError, ConfigError, FileNotFoundError) as err:
+        print(f"gfnalign sample: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import math
+
     import torch
     from PIL import Image
 
+    from gfnalign.cli.weights import WeightsError, load_into, positive_int
     from gfnalign.sampling import rollout
     from gfnalign.training.build import build_backbone
     from gfnalign.training.config import TrainConfig
     from gfnalign.training.report import save_grid, to_uint8
     from gfnalign.training.trainer import prompt_list
 
+    positive_int(args.n, "--n", "sample")
+    positive_int(args.batch_size, "--batch-size", "sample")
+    positive_int(args.steps, "--steps", "sample")
+    positive_int(args.seed, "--seed", "sample", minimum=0)
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance > 0):
+        raise WeightsError(f"--guidance={args.guidance!r} is not allowed; use a finite number > 0")
+    if any(not p.strip() for p in args.prompt):
+        raise WeightsError("--prompt '' is not allowed; give a non-empty prompt")
+    if args.out.exists() and not args.out.is_dir():
+        raise WeightsError(f"--out {str(args.out)!r} is a file; give a folder")
     if args.run is not None:
         cfg_file, lora = args.run / "config.yaml", args.run / "final"
         if not cfg_file.is_file():
@@ -49,9 +74,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = TrainConfig.load(cfg_file) if cfg_file.is_file() else TrainConfig()
         if args.base:
             cfg.backbone.kind, cfg.backbone.path = "sd", args.base
-    if args.steps:
+    if args.steps is not None:
         cfg.sampling.num_steps = args.steps
-    if args.guidance:
+    if args.guidance is not None:
         cfg.sampling.guidance_scale = args.guidance
     if args.prompt:
         prompts = list(args.prompt)
@@ -65,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         if not (lora / "pytorch_lora_weights.safetensors").is_file():
             print(f"gfnalign sample: no LoRA at {lora} (train first, or pass --pretrained)", file=sys.stderr)
             return 2
-        backbone.load_adapter(lora)
+        load_into(backbone, lora)
     args.out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     todo = [p for p in prompts for _ in range(args.n)]

@@ -11,6 +11,15 @@ Wire format (never pickle):
 * Answer ``200 {"scores": [float, ...]}``; errors are ``{"error": message, "kind": "input"|"output"|"server"}``
   with status 400 (bad request), 422 (the reward produced unusable scores) or 500.
 * ``GET /health`` -> ``{"status": "ok"}``; ``GET /info`` -> the reward's name, inputs, differentiable flag.
+  Any other path is a 404, any other method a 405.
+* Every malformed request gets a 4xx with ``{"error", "kind": "input"}``: 400 (bad JSON, nesting deeper than
+  ``MAX_JSON_DEPTH``, bad base64/PNG, bad safetensors header or offsets, wrong field types), 401 (missing or
+  wrong token), 408 (the client went silent for ``read_timeout`` seconds mid-body), 411/413 (missing or too
+  large Content-Length), 415 (a content type other than JSON or safetensors); 503 when ``max_concurrent``
+  requests are already being served (the client retries).
+* Optional shared token: the server (``--token`` or ``GFNALIGN_REWARD_TOKEN``; required when binding beyond
+  loopback) accepts only requests carrying ``Authorization: Bearer TOKEN``; the client's ``token`` option (or
+  the same environment variable) sends it. ``/health`` stays open.
 
 The client retries connection failures, timeouts and 502/503/504 with exponential backoff
 (``backoff * 2**k``, capped at ``max_backoff``) and then raises :class:`RewardServerError` naming the URL.
@@ -22,8 +31,12 @@ Serve any reward with ``gfnalign rewards serve --reward NAME --port P`` (loopbac
 from __future__ import annotations
 
 import base64
+import hmac
 import io
+import ipaddress
 import json
+import os
+import socket
 import struct
 import threading
 import time
@@ -39,6 +52,39 @@ from gfnalign.rewards.base import Reward, RewardOutputError, RewardUnreachableEr
 FORMATS = ("png", "safetensors")
 SAFETENSORS_CONTENT_TYPE = "application/x-safetensors"
 RETRY_STATUS = (502, 503, 504)
+MAX_JSON_DEPTH = 8  # the request format nests 2 levels; deeper bodies are refused before parsing
+TOKEN_ENV = "GFNALIGN_REWARD_TOKEN"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _json_depth_ok(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when no JSON value in ``body`` nests deeper than ``limit`` (brackets inside strings ignored)."""
+    depth, in_string, escaped = 0, False, False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            if depth > limit:
+                return False
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return True
 
 
 class RewardServerError(RuntimeError):
@@ -133,6 +179,7 @@ class HttpReward(Reward):
         max_backoff: float = 8.0,
         name: str | None = None,
         headers: dict[str, str] | None = None,
+        token: str | None = None,
         device=None,
     ):
         super().__init__(device="cpu")
@@ -151,6 +198,9 @@ class HttpReward(Reward):
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
         self.headers = dict(headers or {})
+        token = token or os.environ.get(TOKEN_ENV)
+        if token:
+            self.headers.setdefault("Authorization", f"Bearer {token}")
         self.name = name or "http"
 
     def _request(self, images: torch.Tensor, prompts: list[str]) -> urllib.request.Request:
@@ -222,51 +272,122 @@ def _error_message(err: urllib.error.HTTPError) -> str:
 class _Handler(BaseHTTPRequestHandler):
     server: RewardHTTPServer
 
+    def setup(self) -> None:
+        self.timeout = self.server.read_timeout  # socket timeout: a silent client cannot hold a thread forever
+        super().setup()
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         if self.server.verbose:
             super().log_message(format, *args)
 
-    def _send(self, status: int, payload: dict[str, Any]) -> None:
+    def _send(self, status: int, payload: dict[str, Any], *, close: bool = False) -> None:
         body = json.dumps(payload).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            if status == 503:
+                self.send_header("Retry-After", "1")
+            if close:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:  # the client went away: nothing to answer
+            self.close_connection = True
+
+    def _refuse(self, status: int, message: str, *, close: bool = False) -> None:
+        self._send(status, {"error": message, "kind": "input"}, close=close)
+
+    def _path(self) -> str:
+        return self.path.split("?")[0].rstrip("/") or "/"
+
+    def _authorised(self) -> bool:
+        token = self.server.token
+        if not token:
+            return True
+        given = self.headers.get("Authorization") or ""
+        ok = hmac.compare_digest(given.encode("utf-8", "replace"), f"Bearer {token}".encode())
+        if not ok:
+            self._refuse(401, "missing or wrong token: send 'Authorization: Bearer TOKEN' (the http reward's "
+                              "token option or GFNALIGN_REWARD_TOKEN)")
+        return ok
 
     def do_GET(self) -> None:  # noqa: N802
-        path = self.path.split("?")[0].rstrip("/")
-        if path in ("", "/health"):
+        path = self._path()
+        if path == "/health":
             self._send(200, {"status": "ok", "reward": self.server.reward.name})
         elif path == "/info":
-            self._send(200, self.server.reward.info())
+            if self._authorised():
+                self._send(200, self.server.reward.info())
+        elif path == "/score":
+            self._refuse(405, "use POST /score to score images")
         else:
-            self._send(404, {"error": f"unknown path {self.path!r}; use POST /score, GET /health or GET /info", "kind": "input"})
+            self._refuse(404, f"unknown path {self.path[:100]!r}; use POST /score, GET /health or GET /info")
+
+    def _method_not_allowed(self) -> None:
+        self._refuse(405, f"method {self.command} is not supported; use POST /score, GET /health or GET /info",
+                     close=True)
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _method_not_allowed  # noqa: N815
 
     def do_POST(self) -> None:  # noqa: N802
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            length = -1
+        if self._path() != "/score":
+            self._refuse(404, f"unknown path {self.path[:100]!r}; POST images to /score", close=True)
+            return
+        if not self._authorised():
+            self.close_connection = True
+            return
+        raw_length = self.headers.get("Content-Length")
+        if raw_length is None or not raw_length.strip().isdigit():
+            self._refuse(411 if raw_length is None else 400,
+                         f"a POST needs a Content-Length header with a byte count, got {raw_length!r}", close=True)
+            return
+        length = int(raw_length)
         if length <= 0:
-            self._send(411, {"error": "a POST needs a Content-Length header and a body", "kind": "input"})
+            self._refuse(400, "empty body: send the images and prompts", close=True)
             return
         if length > self.server.max_body_bytes:
-            self._send(413, {"error": f"body of {length} bytes exceeds the limit {self.server.max_body_bytes}", "kind": "input"})
+            self._refuse(413, f"body of {length} bytes exceeds the limit {self.server.max_body_bytes}", close=True)
             return
-        body = self.rfile.read(length)
-        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if ctype not in ("application/json", SAFETENSORS_CONTENT_TYPE):
+            self._refuse(415, f"Content-Type {ctype or '(none)'!r} is not supported; use application/json "
+                              f"(base64 PNGs) or {SAFETENSORS_CONTENT_TYPE}", close=True)
+            return
+        try:
+            body = self.rfile.read(length)
+        except (TimeoutError, OSError):
+            self._refuse(408, f"no data for {self.server.read_timeout:g} s while reading the body", close=True)
+            return
+        if len(body) < length:
+            self._refuse(400, f"body ended after {len(body)} of {length} bytes", close=True)
+            return
+        self._score(body, ctype)
+
+    def _score(self, body: bytes, ctype: str) -> None:
         try:
             if ctype == SAFETENSORS_CONTENT_TYPE:
                 images, prompts = decode_safetensors(body)
             else:
+                if not _json_depth_ok(body):
+                    raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
                 data = json.loads(body)
                 if not isinstance(data, dict) or "images" not in data or "prompts" not in data:
                     raise ValueError("JSON body must be an object with 'images' (base64 PNGs) and 'prompts'")
-                images, prompts = decode_png(list(data["images"])), data["prompts"]
+                if not isinstance(data["images"], list) or not all(isinstance(i, str) for i in data["images"]):
+                    raise ValueError("'images' must be a list of base64 PNG strings")
+                images, prompts = decode_png(data["images"]), data["prompts"]
             prompts = check_inputs(images, prompts, self.server.reward.name)
-        except (ValueError, TypeError) as err:
-            self._send(400, {"error": str(err), "kind": "input"})
+        except (ValueError, TypeError, KeyError, RecursionError, UnicodeDecodeError, struct.error) as err:
+            self._refuse(400, " ".join(str(err).split())[:500] or type(err).__name__)
+            return
+        except Exception as err:  # noqa: BLE001 - e.g. safetensors' own errors on bad offsets: still the input's fault
+            self._refuse(400, f"unreadable body ({type(err).__name__}: {' '.join(str(err).split())[:300]})")
+            return
+        if not self.server.slots.acquire(blocking=False):  # bounded work; the client retries a 503
+            self._send(503, {"error": f"busy: {self.server.max_concurrent} requests in progress; retry shortly",
+                             "kind": "server"})
             return
         try:
             with self.server.lock, torch.no_grad():
@@ -280,18 +401,28 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as err:  # noqa: BLE001 - report, keep serving
             self._send(500, {"error": f"{type(err).__name__}: {err}", "kind": "server"})
             return
+        finally:
+            self.server.slots.release()
         self._send(200, {"scores": [float(s) for s in scores.detach().cpu().tolist()]})
 
 
 class RewardHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 64
 
-    def __init__(self, reward: Reward, host: str, port: int, *, max_body_mb: float = 512, verbose: bool = False):
+    def __init__(self, reward: Reward, host: str, port: int, *, max_body_mb: float = 512, verbose: bool = False,
+                 token: str | None = None, max_concurrent: int = 4, read_timeout: float = 30.0):
         self.reward = reward
         self.lock = threading.Lock()
         self.max_body_bytes = int(max_body_mb * 2**20)
         self.verbose = verbose
+        self.token = token or None
+        self.max_concurrent = int(max_concurrent)
+        self.slots = threading.BoundedSemaphore(self.max_concurrent)
+        self.read_timeout = float(read_timeout)
+        if ":" in host:
+            self.address_family = socket.AF_INET6
         super().__init__((host, port), _Handler)
 
     @property
