@@ -93,8 +93,7 @@ def test_random_sigkills_resume_bit_exactly(tmp_path):
     wall = time.monotonic() - t0
     assert out.returncode == 0, out.stderr[-2000:]
     rng = random.Random(0)
-    for k in range(2):
-        run = tmp_path / f"killed{k}"
-        report = kill_and_resume(config, run, [rng.uniform(0.3, 1.0) * wall for _ in range(2)])
-        assert report["returncode"] == 0, report["stderr"][-2000:]
-        assert same_result(clean, run) == [], report
+    run = tmp_path / "killed"  # two kills, then a resume to the end (more in benchmarks/fuzz_cli.py)
+    report = kill_and_resume(config, run, [rng.uniform(0.3, 1.0) * wall for _ in range(2)])
+    assert report["returncode"] == 0, report["stderr"][-2000:]
+    assert same_result(clean, run) == [], report

@@ -477,7 +477,10 @@ class LatentDiffusionBackbone(nn.Module):
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
         layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}
-        meta = dict(self.unet.peft_config["default"].to_dict())
+        # sets (target_modules) are sorted: their iteration order follows the per-process string hash seed,
+        # which would make the file's bytes differ between identical runs
+        meta = {k: sorted(v) if isinstance(v, set | frozenset) else v
+                for k, v in self.unet.peft_config["default"].to_dict().items()}
         self._pipeline_class().save_lora_weights(
             d, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=meta
         )
