@@ -136,3 +136,38 @@ def test_x0_pass_only_names_a_pass_that_computes_the_same_x0(world):
     assert RewardLookahead(bb, reward, model="policy").x0_pass(CountingPolicy(bb, Counters())) == "policy"
     assert RewardLookahead(bb, reward, model="policy", guided=False).x0_pass(bb) is None  # guidance 3 ≠ 1
     assert RewardLookahead(bb, reward, model="policy").x0_pass(object()) is None  # another policy
+
+
+def test_lookahead_chunks_follow_the_memory_budget_and_give_the_unchunked_results(world):
+    from gfnalign.training.memory import MemoryBudget
+
+    bb, reward, traj = world
+    x = traj.states[:, :-1].flatten(0, 1)  # 6 states
+    n = x.shape[0]
+    t = bb.schedule.timesteps[traj.steps].repeat(2)
+    cond = traj.cond.repeat_interleave(traj.num_steps, 0)
+    terminal = torch.zeros(n, dtype=torch.bool)
+    terminal[-1] = True
+
+    def make(budget_gb):
+        la = RewardLookahead(bb, reward, model="reference", memory=MemoryBudget(budget_gb))
+        la.set_prompts(traj.cond, traj.prompts)
+        return la
+
+    whole, single = make(1e3), make(1e-9)
+    assert whole.rows_all(x, t, cond) == whole.rows_x0(x, t, cond) == whole.rows_image(x, cond) == n
+    assert single.rows_all(x, t, cond) == single.rows_x0(x, t, cond) == single.rows_image(x, cond) == 1
+    per_row = whole.memory.per_row("lookahead/x0", lambda: 0.0)
+    assert per_row > 0
+    three = RewardLookahead(bb, reward, memory=MemoryBudget(3.5 * per_row / 2**30))
+    assert three.rows_x0(x, t, cond) == 3  # ⌊3.5 rows⌋
+    for name in ("log_reward", "grad_log_reward"):
+        a = getattr(whole, name)(x, t, cond, terminal=terminal)
+        b = getattr(single, name)(x, t, cond, terminal=terminal)
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(single.cache_trajectory(traj).lookahead_reward,
+                               whole.cache_trajectory(traj).lookahead_reward, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(single.decode_chunked(x), whole.decode_chunked(x), rtol=1e-10, atol=1e-12)
+    assert whole.enable_checkpointing(decoder=True, reward=False)["decoder"] > 0
+    torch.testing.assert_close(whole.grad_log_reward(x, t, cond, terminal=terminal),
+                               single.grad_log_reward(x, t, cond, terminal=terminal), rtol=1e-10, atol=1e-12)

@@ -197,11 +197,11 @@ class ResidualNablaDB(ScoreBalanceObjective):
             eps, kernel = self.policy_kernel(policy, batch, x_t=x_pol)
             fwd, rev = kernel.score(x_next), None
             if shared == "policy":
-                grad_t = self.shared_reward_grad(lookahead, x_pol, eps, a, batch.cond)
+                grad_t = self.shared_reward_grad(lookahead, x_pol, eps, policy, batch)
             x_req = x_t.detach().requires_grad_(True)
             if shared == "reference":  # the reference pass moves before ψ: ψ(x_t) needs it
                 eps_ref, kernel_ref = self.policy_kernel(policy, batch, reference=True, x_t=x_req)
-                grad_t = self.shared_reward_grad(lookahead, x_req, eps_ref, a, batch.cond)
+                grad_t = self.shared_reward_grad(lookahead, x_req, eps_ref, policy, batch)
         else:
             eps, kernel, fwd, rev, grad_t = self.policy_scores(
                 policy, batch, reference=False, lookahead=lookahead if shared == "policy" else None)

@@ -21,7 +21,6 @@ from torch import nn
 
 from gfnalign.core.batches import TransitionBatch
 from gfnalign.core.kernels import GaussianKernel
-from gfnalign.core.parametrization import eps_to_x0
 from gfnalign.core.protocols import Lookahead, PolicyModel
 from gfnalign.objectives.common import (
     GAMMAS,
@@ -200,8 +199,7 @@ class ScoreBalanceObjective(TransitionObjective):
             eps, kernel = self.policy_kernel(policy, batch, reference=reference, x_t=x_t)
         reward_grad = None
         if lookahead is not None:
-            alpha_bar = policy.schedule.at_steps(batch.step, dtype=x_t.dtype, device=x_t.device)[2]
-            reward_grad = self.shared_reward_grad(lookahead, x_t, eps, alpha_bar, batch.cond)
+            reward_grad = self.shared_reward_grad(lookahead, x_t, eps, policy, batch)
         fwd = kernel.score(batch.x_next)
         rev = None
         if need_rev:
@@ -227,12 +225,12 @@ class ScoreBalanceObjective(TransitionObjective):
 
     @staticmethod
     def shared_reward_grad(
-        lookahead: Lookahead, x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor, cond: Any
+        lookahead: Lookahead, x_t: torch.Tensor, eps: torch.Tensor, policy: PolicyModel, batch: TransitionBatch
     ) -> torch.Tensor:
         """∇_{x_t} r(x̂0(x_t)) with x̂0 = Tweedie(x_t, ε) from an ε that has a graph from the leaf ``x_t``:
         ∇_{x0} r by the lookahead (decoder and reward), then one VJP through ε's graph, which is kept for
         the loss. Equal to ``lookahead.grad_log_reward`` at the (never terminal) x_t, without its network pass."""
-        x0 = eps_to_x0(x_t, eps, alpha_bar)
-        g0 = lookahead.grad_log_reward_x0(x0.detach(), cond)  # type: ignore[attr-defined]
+        x0 = policy.schedule.predict_x0(x_t, eps, batch.step)
+        g0 = lookahead.grad_log_reward_x0(x0.detach(), batch.cond)  # type: ignore[attr-defined]
         (grad,) = torch.autograd.grad(x0, x_t, grad_outputs=g0.to(x0.dtype), retain_graph=True)
         return grad.detach()

@@ -14,6 +14,7 @@ Layout of a config file (every key optional except ``method.name``; see ``config
     sampling: {num_steps, guidance_scale, eta, log_prob_reduction, batch_size, batches_per_epoch}
     training: {epochs, micro_batch, grad_accum, lr, lr_heads, weight_decay, ...}
     lookahead: {mode: cached | recompute, model: policy | reference, guided: true}
+    memory: {budget_gb: null, checkpoint_decoder: false, checkpoint_reward: false}
     logging: {sample_every, checkpoint_every, keep_checkpoints, tensorboard, progress, ...}
     reliability: {max_nan_streak, on_bad_reward: skip | stop, max_skipped_epoch_fraction, reward_timeout_s,
                   reward_wait_s}
@@ -111,6 +112,16 @@ class LookaheadConfig:
 
 
 @dataclass
+class MemoryConfig:
+    # activation memory one batched pass may use (lookahead x0_hat / decode / reward chunks, the terminal
+    # decode); null: half of the memory free when training starts. Chunk sizes are derived from it and the
+    # networks' measured bytes per row (gfnalign.training.memory).
+    budget_gb: float | None = None
+    checkpoint_decoder: bool = False  # recompute the VAE decoder's blocks in backward passes (∇r, reward-backprop)
+    checkpoint_reward: bool = False  # the same for the reward's networks
+
+
+@dataclass
 class LoggingConfig:
     log_every: int = 1  # updates between metrics.jsonl lines
     sample_every: int = 5  # epochs between sample grids (0: only before/after)
@@ -145,6 +156,7 @@ class TrainConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     lookahead: LookaheadConfig = field(default_factory=LookaheadConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
 
@@ -585,6 +597,14 @@ def _try_build_objective(cfg: TrainConfig) -> None:
     except (ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"method.options={dict(cfg.method.options)!r} rejected by method {cfg.method.name!r}: "
                           f"{_one_line(err)}") from None
+
+
+@register_check
+def _check_memory(cfg: TrainConfig) -> None:
+    mb = cfg.memory.budget_gb
+    if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int | float) or not mb > 0):
+        raise ConfigError(f"memory.budget_gb={mb!r} is not allowed; use a positive number of GB (e.g. 8) or null "
+                          "(half of the free memory)")
 
 
 @register_check

@@ -23,7 +23,14 @@ at sampling time, from the x0_hat the rollout already produced (guided eps of th
 with one extra no-grad pass of the reference network per state when ``model: reference``. In ``recompute``
 mode (the authors' DAG code) the objectives call :meth:`log_reward` per transition with the current policy.
 
-:class:`Counters` counts network evaluations (rows) for the throughput benchmark.
+Chunk sizes: every batched pass (x0_hat network, decode + reward, both with gradient, the cache and the
+trainer's terminal decode via :meth:`RewardLookahead.decode_chunked`) takes as many rows as fit in the
+:class:`~gfnalign.training.memory.MemoryBudget` (``memory.budget_gb``), from the activation bytes of one row
+measured on first use; ``chunk_size`` fixes them instead. ``enable_checkpointing`` recomputes the decoder's
+and the reward's blocks in the backward (``memory.checkpoint_decoder`` / ``checkpoint_reward``).
+
+:class:`Counters` counts network evaluations (rows) for the throughput benchmark (the one-row probes of the
+memory budget are not counted).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from typing import Any
 import torch
 
 from gfnalign.core.batches import TrajectoryBatch
+from gfnalign.training.memory import MemoryBudget, enable_block_checkpointing, saved_bytes
 
 
 @dataclass
@@ -93,6 +101,16 @@ class CountingPolicy:
             self._counters.unet += int(x.shape[0])
 
 
+def _at_least_fp32(images: torch.Tensor) -> torch.Tensor:
+    """Decoded images in float32, or float64 when the decoder runs in float64 (exactness tests)."""
+    return images.to(torch.promote_types(images.dtype, torch.float32))
+
+
+def _device_of(backbone: Any) -> torch.device:
+    device = getattr(backbone, "device", None)
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
 class RewardLookahead:
     """``core.Lookahead`` over a backbone and a reward. See the module docstring."""
 
@@ -104,7 +122,8 @@ class RewardLookahead:
         model: str = "reference",
         guided: bool = True,
         counters: Counters | None = None,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
+        memory: MemoryBudget | None = None,
     ) -> None:
         if model not in ("policy", "reference"):
             raise ValueError(f"lookahead.model={model!r} is not allowed; use policy or reference")
@@ -113,7 +132,10 @@ class RewardLookahead:
         self.model = model
         self.guided = guided
         self.counters = counters if counters is not None else Counters()
+        if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
+            raise ValueError(f"chunk_size={chunk_size!r} must be a positive int (or None: from the memory budget)")
         self.chunk_size = chunk_size
+        self.memory = memory if memory is not None else MemoryBudget(None, _device_of(backbone))
         self._cond_table: torch.Tensor | None = None
         self._prompt_table: list[str] = []
 
@@ -168,15 +190,80 @@ class RewardLookahead:
         self.counters.decode += int(latents.shape[0])
         return self.backbone.decode(latents)
 
+    # -- chunk sizes ----------------------------------------------------------------------------------
+    def _reward_modules(self) -> list[torch.nn.Module]:
+        modules = getattr(self.reward, "modules", None)
+        return [m for m in (modules().values() if callable(modules) else ()) if isinstance(m, torch.nn.Module)]
+
+    def _resident(self) -> list[torch.nn.Module]:
+        """The networks' own weights (left out of the activation bytes)."""
+        bb = [self.backbone] if isinstance(self.backbone, torch.nn.Module) else []
+        return bb + self._reward_modules()
+
+    def _x0_bytes(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> float:
+        c = None if cond is None else cond[:1]
+        x1 = x[:1].detach().requires_grad_(True)
+        return saved_bytes(lambda: self.backbone.predict_x0(x1, t[:1], c, reference=self.model == "reference",
+                                                            guided=self.guided), self._resident())
+
+    def _image_bytes(self, x0: torch.Tensor, cond: Any) -> float:
+        c = None if cond is None else cond[:1]
+        z = x0[:1].detach().requires_grad_(True)
+        return saved_bytes(lambda: self.reward(_at_least_fp32(self.backbone.decode(z)), self.prompts_for(c, 1)),
+                           self._resident())
+
+    def rows_x0(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> int:
+        """Rows per x0_hat network pass (CFG included) within the memory budget."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return self.memory.rows("lookahead/x0", x.shape[0], lambda: self._x0_bytes(x, t, cond))
+
+    def rows_image(self, x0: torch.Tensor, cond: Any) -> int:
+        """Rows per decode + reward pass within the memory budget."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return self.memory.rows("lookahead/decode+reward", x0.shape[0], lambda: self._image_bytes(x0, cond))
+
+    def rows_all(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> int:
+        """Rows per x0_hat + decode + reward pass (the graph of all three alive at once)."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        n = x.shape[0]
+        return self.memory.rows("lookahead/x0+decode+reward", n, lambda: (
+            self.memory.per_row("lookahead/x0", lambda: self._x0_bytes(x, t, cond))
+            + self.memory.per_row("lookahead/decode+reward", lambda: self._image_bytes(x, cond))))
+
+    def enable_checkpointing(self, *, decoder: bool = False, reward: bool = False) -> dict[str, int]:
+        """Block gradient checkpointing (``memory.checkpoint_decoder`` / ``checkpoint_reward``) of the VAE decoder
+        and of the reward's networks; returns the blocks wrapped per part. No-grad passes are unaffected."""
+        wrapped: dict[str, int] = {}
+        if decoder:
+            vae = getattr(self.backbone, "vae", None)
+            target = getattr(vae, "decoder", vae)
+            if not isinstance(target, torch.nn.Module):
+                raise ValueError("memory.checkpoint_decoder=true needs a backbone with a `vae` module; set it to false")
+            wrapped["decoder"] = enable_block_checkpointing(target)
+        if reward:
+            wrapped["reward"] = sum(enable_block_checkpointing(m) for m in self._reward_modules())
+        return wrapped
+
+    @torch.no_grad()
+    def decode_chunked(self, latents: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """``backbone.decode`` without gradient, in chunks within the memory budget (float32 images)."""
+        rows = self.rows_image(latents, cond)
+        return torch.cat([_at_least_fp32(self.backbone.decode(latents[s:s + rows]))
+                          for s in range(0, latents.shape[0], rows)])
+
     # -- the Lookahead protocol -----------------------------------------------------------------------
     @torch.no_grad()
     def log_reward(self, x: torch.Tensor, t: torch.Tensor, cond: Any, *, terminal: torch.Tensor) -> torch.Tensor:
         out = []
-        for s in range(0, x.shape[0], self.chunk_size):
-            sl = slice(s, s + self.chunk_size)
+        rows = min(self.rows_x0(x, t, cond), self.rows_image(x, cond)) if x.shape[0] else 1
+        for s in range(0, x.shape[0], rows):
+            sl = slice(s, s + rows)
             c = None if cond is None else cond[sl]
             x0 = self._x0(x[sl], t[sl], c, terminal[sl])
-            r = self.score_images(self.decode(x0).float(), self.prompts_for(c, x0.shape[0]))
+            r = self.score_images(_at_least_fp32(self.decode(x0)), self.prompts_for(c, x0.shape[0]))
             out.append(torch.as_tensor(r, dtype=torch.float32, device=x.device).reshape(-1))
         return torch.cat(out) if out else x.new_zeros(0)
 
@@ -185,8 +272,9 @@ class RewardLookahead:
         :meth:`grad_log_reward_x0` (in their own chunks), then one VJP through the x0_hat network."""
         self._check_differentiable()
         grads = []
-        for s in range(0, x.shape[0], self.chunk_size):
-            sl = slice(s, s + self.chunk_size)
+        rows = self.rows_all(x, t, cond) if x.shape[0] else 1
+        for s in range(0, x.shape[0], rows):
+            sl = slice(s, s + rows)
             c = None if cond is None else cond[sl]
             with torch.enable_grad():
                 xs = x[sl].detach().requires_grad_(True)
@@ -200,14 +288,13 @@ class RewardLookahead:
         """∇_{x0} r(decode(x0)) at clean latents ``x0`` (detached), through the decoder and the reward."""
         self._check_differentiable()
         grads = []
-        for s in range(0, x0.shape[0], self.chunk_size):
-            sl = slice(s, s + self.chunk_size)
+        rows = self.rows_image(x0, cond) if x0.shape[0] else 1
+        for s in range(0, x0.shape[0], rows):
+            sl = slice(s, s + rows)
             c = None if cond is None else cond[sl]
             with torch.enable_grad():
                 z = x0[sl].detach().requires_grad_(True)
-                images = self.decode(z)
-                images = images.to(torch.promote_types(images.dtype, torch.float32))
-                r = self.reward(images, self.prompts_for(c, z.shape[0]))
+                r = self.reward(_at_least_fp32(self.decode(z)), self.prompts_for(c, z.shape[0]))
                 self.counters.reward_grad += int(z.shape[0])
                 (g,) = torch.autograd.grad(torch.as_tensor(r).sum(), z)
             grads.append(g.detach())
@@ -246,12 +333,14 @@ class RewardLookahead:
                 x0 = schedule.predict_x0(x, traj.eps[:, k].to(x.dtype), steps)  # the rollout's own guided x0_hat
             else:
                 t = schedule.timesteps[step].repeat(B).to(x.device)
-                x0 = self.backbone.predict_x0(x, t, traj.cond, reference=self.model == "reference",
-                                              guided=self.guided)
-                self._count_unet(B)
-            for s in range(0, B, self.chunk_size):
-                sl = slice(s, s + self.chunk_size)
-                r = self.score_images(self.decode(x0[sl]).float(), prompts[sl])
+                rows = self.rows_x0(x, t, traj.cond)
+                x0 = torch.cat([self._predict_x0(x[s:s + rows], t[s:s + rows],
+                                                 None if traj.cond is None else traj.cond[s:s + rows])
+                                for s in range(0, B, rows)])
+            rows = self.rows_image(x0, traj.cond)
+            for s in range(0, B, rows):
+                sl = slice(s, s + rows)
+                r = self.score_images(_at_least_fp32(self.decode(x0[sl])), prompts[sl])
                 values[sl, k] = torch.as_tensor(r, dtype=torch.float32, device=values.device).reshape(-1)
         values[:, K] = traj.reward.to(values)
         return replace(traj, lookahead_reward=values)

@@ -53,6 +53,7 @@ from gfnalign.training.engine import (
     make_accelerator,
 )
 from gfnalign.training.lookahead import Counters, CountingPolicy, RewardLookahead
+from gfnalign.training.memory import MemoryBudget
 from gfnalign.training.reward_guard import GuardedReward, RewardUnavailableError
 
 
@@ -220,8 +221,10 @@ class Trainer:
         self._beta = beta_at(cfg, self.epoch)
         self.counters = Counters()
         self.policy = CountingPolicy(self.backbone, self.counters)
+        self.memory = MemoryBudget(cfg.memory.budget_gb, self.device)
         self.lookahead = RewardLookahead(self.backbone, self.reward, model=cfg.lookahead.model,
-                                         guided=cfg.lookahead.guided, counters=self.counters)
+                                         guided=cfg.lookahead.guided, counters=self.counters, memory=self.memory)
+        self.lookahead.enable_checkpointing(decoder=cfg.memory.checkpoint_decoder, reward=cfg.memory.checkpoint_reward)
 
         self.policy_params = [p for p in self.backbone.trainable_parameters() if p.requires_grad]
         seen = {id(p) for p in self.policy_params}
@@ -370,7 +373,7 @@ class Trainer:
                                reduction=self.cfg.sampling.log_prob_reduction, generator=gen,
                                show_progress=progress, prompt_id=prompt_ids.to(x_init.device),
                                traj_id=traj_ids.to(x_init.device), prompts=list(texts))
-                return traj, self.backbone.decode(traj.final)
+                return traj, self.lookahead.decode_chunked(traj.final, cond)
 
         traj, images = self._in_engine(sample)
         self.counters.decode += len(texts)

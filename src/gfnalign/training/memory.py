@@ -1,0 +1,155 @@
+"""How many rows a batched network pass may take: a memory budget over the networks' measured cost per row.
+
+A pass's memory is its weights (already resident) plus its activations, which grow with the rows it takes.
+:class:`MemoryBudget` measures the activations of one row of each pass the first time the pass is asked for
+(``per_row``) and answers ``rows(name, total)`` = ⌊budget / bytes per row⌋, at least 1 and at most ``total``.
+
+**Bytes per row** are the bytes of the tensors autograd saves for the backward of a one-row forward with a
+graph (:func:`saved_bytes`), distinct storages counted once and the networks' own weights left out. That is
+what a pass with gradient keeps until its backward, and it bounds a no-grad pass too (which holds a few of
+those activations at a time). The probe is one real row at the real size, the smallest chunk the pass
+would take anyway, so it never needs more memory than the pass itself.
+
+**Gradient checkpointing** (:func:`enable_block_checkpointing`) wraps the blocks of a network (the members of
+its outermost ``nn.ModuleList`` s: the VAE decoder's up-blocks, a ViT's layers) so that, when autograd
+records, each block keeps only its input and recomputes the rest in the backward. The chunk sizes stay
+derived from the un-checkpointed cost (an upper bound), so checkpointing only lowers the real peak.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+#: share of the free device memory used when no budget is configured
+AUTO_BUDGET_FRACTION = 0.5
+
+
+def saved_bytes(fn: Callable[[], Any], exclude: Iterable[nn.Module] = ()) -> int:
+    """Bytes of the distinct storages autograd saves while ``fn()`` runs (a forward with a graph), leaving
+    out the parameters and buffers of the modules in ``exclude`` (resident weights, not activations)."""
+    seen: dict[tuple[int, torch.device], int] = {}
+    resident = {t.untyped_storage().data_ptr() for m in exclude for t in (*m.parameters(), *m.buffers())}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+            if storage.data_ptr() in resident:
+                return t
+            seen[(storage.data_ptr(), t.device)] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without a storage (e.g. sparse)
+            seen[(id(t), t.device)] = t.numel() * t.element_size()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return int(sum(seen.values()))
+
+
+def available_bytes(device: torch.device | str) -> int:
+    """Free memory on ``device``: CUDA's free memory, else the host's MemAvailable (Linux) or total RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+class MemoryBudget:
+    """Activation memory one batched pass may use, and the rows that fit (see the module docstring).
+
+    ``budget_gb=None`` takes :data:`AUTO_BUDGET_FRACTION` of the memory free on ``device`` when the budget is
+    first needed (after the models are loaded). A budget smaller than one row still gives chunks of 1.
+    """
+
+    def __init__(self, budget_gb: float | None = None, device: torch.device | str = "cpu") -> None:
+        if budget_gb is not None and not (isinstance(budget_gb, int | float) and budget_gb > 0):
+            raise ValueError(f"memory.budget_gb={budget_gb!r} must be a positive number of GB (or null: automatic)")
+        self.budget_gb = budget_gb
+        self.device = torch.device(device)
+        self._budget: int | None = None if budget_gb is None else int(budget_gb * 2**30)
+        self._per_row: dict[str, float] = {}
+
+    @property
+    def budget_bytes(self) -> int:
+        if self._budget is None:
+            self._budget = int(AUTO_BUDGET_FRACTION * available_bytes(self.device))
+        return self._budget
+
+    def per_row(self, name: str, measure: Callable[[], float]) -> float:
+        """Bytes per row of pass ``name``, measured once with ``measure()``."""
+        if name not in self._per_row:
+            self._per_row[name] = max(1.0, float(measure()))
+        return self._per_row[name]
+
+    def rows(self, name: str, total: int, measure: Callable[[], float]) -> int:
+        """Rows of pass ``name`` per chunk: ⌊budget / bytes per row⌋, clamped to [1, total]."""
+        if total <= 1:
+            return max(total, 1)
+        fit = math.floor(self.budget_bytes / self.per_row(name, measure))
+        return int(min(total, max(1, fit)))
+
+    def describe(self) -> dict[str, float]:
+        """Budget and measured bytes per row (GB), for logs and benchmarks."""
+        out = {"budget_gb": self.budget_bytes / 2**30}
+        out.update({f"per_row_gb/{k}": v / 2**30 for k, v in self._per_row.items()})
+        return out
+
+
+def chunked(fn: Callable[..., torch.Tensor], rows: int, *tensors: Any) -> torch.Tensor:
+    """``fn`` over slices of ``rows`` rows of every tensor argument (``None`` passes through), concatenated."""
+    n = next(t.shape[0] for t in tensors if isinstance(t, torch.Tensor))
+    outs = []
+    for s in range(0, n, rows):
+        outs.append(fn(*(t[s:s + rows] if isinstance(t, torch.Tensor) else t for t in tensors)))
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+# -- gradient checkpointing ------------------------------------------------------------------------------------
+
+
+def _outer_blocks(module: nn.Module) -> list[nn.Module]:
+    """Members of the outermost ``nn.ModuleList`` s below ``module`` (breadth first, not inside a list)."""
+    blocks, queue = [], list(module.children())
+    while queue:
+        m = queue.pop(0)
+        if isinstance(m, nn.ModuleList):
+            blocks.extend(m)
+        else:
+            queue.extend(m.children())
+    return blocks
+
+
+def enable_block_checkpointing(module: nn.Module) -> int:
+    """Recompute each block of ``module`` in the backward instead of storing its activations (only while
+    autograd records; no-grad passes are unchanged). Returns the number of blocks wrapped; idempotent."""
+    count = 0
+    for block in _outer_blocks(module):
+        if getattr(block, "_gfnalign_checkpointed", False):
+            count += 1
+            continue
+        forward = block.forward
+
+        def wrapped(*args: Any, _forward: Callable[..., Any] = forward, **kwargs: Any) -> Any:
+            if torch.is_grad_enabled():
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return _forward(*args, **kwargs)
+
+        block.forward = wrapped  # type: ignore[method-assign]
+        block._gfnalign_checkpointed = True  # type: ignore[attr-defined]
+        count += 1
+    return count
