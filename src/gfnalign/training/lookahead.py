@@ -206,11 +206,20 @@ class RewardLookahead:
         return saved_bytes(lambda: self.backbone.predict_x0(x1, t[:1], c, reference=self.model == "reference",
                                                             guided=self.guided), self._resident())
 
-    def _image_bytes(self, x0: torch.Tensor, cond: Any) -> float:
-        c = None if cond is None else cond[:1]
+    def _decode_bytes(self, x0: torch.Tensor) -> float:
         z = x0[:1].detach().requires_grad_(True)
-        return saved_bytes(lambda: self.reward(_at_least_fp32(self.backbone.decode(z)), self.prompts_for(c, 1)),
-                           self._resident())
+        return saved_bytes(lambda: self.backbone.decode(z), self._resident())
+
+    def _image_bytes(self, x0: torch.Tensor, cond: Any) -> float:
+        """Decoder bytes per row, plus the reward's (probed on a decoded image) when it is differentiable."""
+        total = self.memory.per_row("decode", lambda: self._decode_bytes(x0))
+        if getattr(self.reward, "differentiable", False):
+            with torch.no_grad():
+                images = _at_least_fp32(self.backbone.decode(x0[:1].detach()))
+            c = None if cond is None else cond[:1]
+            total += saved_bytes(lambda: self.reward(images.requires_grad_(True), self.prompts_for(c, 1)),
+                                 self._resident())
+        return total
 
     def rows_x0(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> int:
         """Rows per x0_hat network pass (CFG included) within the memory budget."""
@@ -250,7 +259,7 @@ class RewardLookahead:
     @torch.no_grad()
     def decode_chunked(self, latents: torch.Tensor, cond: Any = None) -> torch.Tensor:
         """``backbone.decode`` without gradient, in chunks within the memory budget (float32 images)."""
-        rows = self.rows_image(latents, cond)
+        rows = self.chunk_size or self.memory.rows("decode", latents.shape[0], lambda: self._decode_bytes(latents))
         return torch.cat([_at_least_fp32(self.backbone.decode(latents[s:s + rows]))
                           for s in range(0, latents.shape[0], rows)])
 
