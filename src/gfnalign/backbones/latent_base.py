@@ -484,6 +484,7 @@ class LatentDiffusionBackbone(nn.Module):
         self._pipeline_class().save_lora_weights(
             d, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=meta
         )
+        _sort_safetensors_metadata(d / LORA_WEIGHT_NAME)
         (d / "gfnalign_lora.json").write_text(json.dumps(self.lora_config, indent=2) + "\n")
         return d / LORA_WEIGHT_NAME
 
@@ -556,3 +557,24 @@ def add_lora(
         if p.requires_grad:
             p.data = p.data.float()
     return {"r": rank, "lora_alpha": alpha, "target_modules": targets}
+
+
+def _sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its ``__metadata__`` keys sorted, in place.
+
+    safetensors writes the metadata from a hash map whose order changes between processes, so two
+    identical runs wrote files whose bytes differed. Reordering keys keeps the header's length, so the
+    tensor data and its offsets are untouched.
+    """
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    if not isinstance(header.get("__metadata__"), dict):
+        return
+    ordered = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    if len(text) > n:  # never expected (same content); keep the original rather than corrupt the file
+        return
+    path.write_bytes(raw[:8] + text + b" " * (n - len(text)) + raw[8 + n :])
