@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the result (OUT.json) here")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a toy default, e.g. --set lr=3e-4 or --set objective.gamma=one (repeatable)")
+    parser.add_argument("--schedule", choices=("vp", "flow"), default="vp",
+                        help="vp (DDPM, default) or flow: the same world under the rectified-flow interpolant "
+                             "with its exact velocity, sampled with Flow-GRPO's SDE (noise level √2; --set eta=A)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -84,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         if args.samples < 2:
             raise ValueError(f"--samples {args.samples}: must be at least 2")
         overrides = parse_overrides(args.overrides)
+        if args.schedule != "vp":
+            overrides.setdefault("schedule", args.schedule)
         cfg = method_config(args.method, overrides)  # validates the keys before any training
     except ValueError as err:
         print(f"gfnalign toy: error: {err}", file=sys.stderr)
@@ -100,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
                      samples=args.samples, config=overrides, log=log)
     mm = result["mode_mass"]
     fmt = lambda xs: "[" + ", ".join(f"{x:.3f}" for x in xs) + "]"  # noqa: E731
-    print(f"method {result['method']}  beta {result['beta']}  updates {result['updates']}  "
+    print(f"method {result['method']}  schedule {result['config']['schedule']}  beta {result['beta']}  updates {result['updates']}  "
           f"train {result['train_seconds']:.1f} s")
     print(f"mode mass  target {fmt(mm['target'])}  finetuned {fmt(mm['finetuned'])}  pretrained {fmt(mm['pretrained'])}")
     print(f"mode-mass TV {result['mode_mass_tv']:.4f}  energy distance {result['energy_distance']:.5f} "

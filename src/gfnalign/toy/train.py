@@ -3,7 +3,8 @@
 One update (``--steps`` counts these):
 
     x_init ~ N(0, I)                                 [B, d]
-    traj   = rollout(policy, None, x_init)           (DDPM, eta = 1, summed log-probs)
+    traj   = rollout(policy, None, x_init)           (DDPM, eta = 1, summed log-probs; with ``schedule=flow``
+                                                      the Flow-GRPO SDE at noise level ``eta``, default √2)
     traj.reward = r_eff(traj.final)                  (r; r + log p_f / β for the Lebesgue-target methods:
                                                       dag-db / dag-kl without ``relative``, nabla-db)
     traj.lookahead_reward = r_eff(x̂0(state))         (cached lookahead at every state)
@@ -102,11 +103,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 _LOOP_KEYS = ("updates", "batch_size", "lr", "head_lr", "lookahead_model", "anneal_updates", "grad_clip",
               "prior_flow", "updates_per_rollout", "weight_decay", "hidden", "depth", "num_steps",
-              "parametrization", "lr_decay", "noise_schedule", "start", "start_candidates")
+              "parametrization", "lr_decay", "noise_schedule", "start", "start_candidates", "schedule", "eta")
 #: "noise": the fine-tuned chain starts from N(0, I) (as trained); "tilted": evaluation draws its start
 #: ∝ N(0, I)·G(x_start) with the objective's learned start value (sampling-importance-resampling over
 #: ``start_candidates`` proposals per sample), which removes the value-function bias (gfnalign.sampling.start)
 STARTS = ("noise", "tilted")
+
+#: the sampler's noise level per schedule: DDPM (eta 1) for VP; for flow, Flow-GRPO's SDE at a = √2, whose
+#: chain keeps almost no memory of its start (tests/unit/test_core_flow.py: the start-to-end correlation on
+#: unit Gaussian data is < 1e-4 at 10-160 steps, against 0.13-0.18 at Flow-GRPO's a = 0.7), so the GFlowNet
+#: fixed points are the global tilt rather than a per-start one (DESIGN.md §5)
+DEFAULT_ETA = {"vp": 1.0, "flow": math.sqrt(2)}
 
 
 def method_config(method: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -127,6 +134,7 @@ def method_config(method: str, overrides: dict[str, Any] | None = None) -> dict[
     cfg.setdefault("noise_schedule", "linear")
     cfg.setdefault("start", "noise")
     cfg.setdefault("start_candidates", 16)
+    cfg.setdefault("schedule", "vp")
     for key, value in (overrides or {}).items():
         if key == "objective":
             cfg["objective"].update(value)
@@ -145,6 +153,12 @@ def method_config(method: str, overrides: dict[str, Any] | None = None) -> dict[
                          f"or rtb with objective.log_z=start); {method} with {cfg['objective']} learns none")
     if cfg["noise_schedule"] not in NOISE_SCHEDULES:
         raise ValueError(f"noise_schedule={cfg['noise_schedule']!r} is not allowed; use one of {', '.join(NOISE_SCHEDULES)}")
+    if cfg["schedule"] not in DEFAULT_ETA:
+        raise ValueError(f"schedule={cfg['schedule']!r} is not supported; use one of {', '.join(DEFAULT_ETA)}")
+    if cfg["schedule"] == "flow" and cfg["noise_schedule"] != "linear":
+        raise ValueError(f"noise_schedule={cfg['noise_schedule']!r} is a VP beta grid; schedule=flow has its own "
+                         "sigmas (drop noise_schedule or use schedule=vp)")
+    cfg.setdefault("eta", DEFAULT_ETA[cfg["schedule"]])
     return cfg
 
 
@@ -196,16 +210,17 @@ def train(
         raise ValueError(f"steps={updates} must be >= 0")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    schedule = toy_schedule(cfg["num_steps"], noise_schedule=cfg["noise_schedule"])
+    schedule = toy_schedule(cfg["num_steps"], noise_schedule=cfg["noise_schedule"], kind=cfg["schedule"])
+    eta = schedule.check_noise_level(cfg["eta"])
     reward = bind_final_alpha_bar(reward, final_alpha_bar(schedule))
     policy = ToyPolicy(mixture, schedule, hidden=cfg["hidden"], depth=cfg["depth"],
-                       parametrization=cfg["parametrization"])
+                       parametrization=cfg["parametrization"], eta=eta)
     prior = needs_prior_in_reward(method, cfg)
     if method not in REGISTRY:  # registers the objective if the package __init__ does not yet
         import importlib
 
         importlib.import_module(f"gfnalign.objectives.{method.replace('-', '_')}")
-    objective = build_objective(method, state_shape=(mixture.dim,), **cfg["objective"]).to(DTYPE)
+    objective = build_objective(method, state_shape=(mixture.dim,), **{"eta": eta, **cfg["objective"]}).to(DTYPE)
     lookahead = ToyLookahead(
         policy, reward, model=cfg["lookahead_model"], prior_scale=(1.0 / beta) if prior else 0.0,
         prior_flow=cfg["prior_flow"], gamma=getattr(objective, "gamma", "one") if prior else "one",
@@ -254,7 +269,7 @@ def train(
         if traj is None or u % int(cfg["updates_per_rollout"]) == 0:
             x_init = torch.randn(B, d, dtype=DTYPE, generator=gen)
             # one (unconditional) prompt: DDPO-style per-prompt statistics pool the whole batch
-            traj = rollout(policy, None, x_init, eta=1.0, reduction="sum", generator=gen,
+            traj = rollout(policy, None, x_init, eta=eta, reduction="sum", generator=gen,
                            prompt_id=torch.zeros(B, dtype=torch.int64))
             final = traj.final
             states = traj.states.reshape(B * (K + 1), d)
@@ -341,7 +356,7 @@ def evaluate(
     }
     oracle_data = oracle_mixture(target, policy.schedule)
     if oracle_data is not None:
-        oracle = ToyPolicy(oracle_data, policy.schedule)
+        oracle = ToyPolicy(oracle_data, policy.schedule, eta=policy.eta)
         oracle_x = sample_chain(oracle, samples, torch.Generator().manual_seed(chain_seed), reference=True)
         mass["oracle"] = mode_mass(oracle_x, target)
         result["mode_mass_tv_oracle"] = total_variation(mass["oracle"], mass["target"])

@@ -28,6 +28,13 @@ chain at the state's own noise level: that is the pretrained model's own (approx
 log-flow, so the forward-looking flow ``log F = f_φ + β(r(x̂0) + c log p_t)`` leaves only the tilt's
 correction to the head. At the terminal state it is exactly ``r + c log p_f``. ``prior_flow="x0hat"``
 instead uses ``c · log p_f(x̂0(x))`` (a literal "reward of the predicted sample").
+
+**Flow schedule** (``toy_schedule(kind="flow")``, ``gfnalign toy --schedule flow``): the same world under
+the rectified-flow interpolant ``x = (1 − σ) x0 + σ ε`` with K uniform sigmas 1, 1 − 1/K, ..., 1/K,
+landing on σ = 0 (the clean mixture, so ``p_f = p_data``), sampled with Flow-GRPO's SDE. The policy then
+returns the exact **velocity** ``ε − x0`` (plus the correction) and every kernel, P_B and objective is
+the same code as for VP. A flow state is a VP state scaled by ``c = √(α² + σ²)`` with ᾱ = α²/c², which is
+how the mixture's closed forms are reused (at σ = 1 the marginal is N(0, I) and E[x0 | x] = E[x0]).
 """
 
 from __future__ import annotations
@@ -50,14 +57,27 @@ PRIOR_FLOWS = ("marginal", "x0hat")
 #: is practically memoryless); "sd": Stable Diffusion 1.x's scaled-linear 0.00085..0.012 (also the digits
 #: world's), whose first state keeps √ᾱ ≈ 0.076 (50 steps) / 0.090 (20 steps): the value-function bias shows.
 NOISE_SCHEDULES = {"linear": ("linear", 1e-4, 0.02), "sd": ("scaled_linear", 0.00085, 0.012)}
+#: the interpolant: "vp" (the DDPM grid above) or "flow" (rectified flow, Flow-GRPO's SDE)
+SCHEDULES = ("vp", "flow")
 
 
-def toy_schedule(num_steps: int = 50, num_train_timesteps: int = 1000, noise_schedule: str = "linear") -> NoiseSchedule:
-    """Leading spacing with steps_offset=1, final alpha-bar = alphas_cumprod[0], betas per ``noise_schedule``."""
+def toy_schedule(num_steps: int = 50, num_train_timesteps: int = 1000, noise_schedule: str = "linear",
+                 kind: str = "vp") -> NoiseSchedule:
+    """VP: leading spacing with steps_offset=1, final alpha-bar = alphas_cumprod[0], betas per ``noise_schedule``.
+    Flow: uniform sigmas 1, 1 − 1/K, ..., 1/K to σ = 0 with the Flow-GRPO SDE kernel (``noise_schedule`` is a
+    VP option and must stay "linear")."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"schedule={kind!r} is not supported; use one of {', '.join(SCHEDULES)}")
     if noise_schedule not in NOISE_SCHEDULES:
         raise ValueError(f"noise_schedule={noise_schedule!r}; use one of {', '.join(NOISE_SCHEDULES)}")
-    kind, start, end = NOISE_SCHEDULES[noise_schedule]
-    betas = make_betas(kind, num_train_timesteps, start, end)
+    if kind == "flow":
+        if noise_schedule != "linear":
+            raise ValueError(f"noise_schedule={noise_schedule!r} is a VP beta grid; the flow schedule has its own "
+                             "sigmas (drop noise_schedule or use schedule=vp)")
+        sigmas = 1 - torch.arange(num_steps, dtype=torch.float64) / num_steps
+        return NoiseSchedule.rectified_flow(sigmas, num_train_timesteps=num_train_timesteps, kernel="flow_sde")
+    beta_kind, start, end = NOISE_SCHEDULES[noise_schedule]
+    betas = make_betas(beta_kind, num_train_timesteps, start, end)
     alphas_cumprod = torch.cumprod(1.0 - betas.double(), dim=0)
     return NoiseSchedule.from_alphas_cumprod(
         alphas_cumprod, num_steps, timestep_spacing="leading", steps_offset=1, final_alpha_cumprod=None
@@ -118,6 +138,17 @@ class Correction(nn.Module):
 PARAMETRIZATIONS = ("score", "std", "eps")
 
 
+def flow_preconditioner(schedule: NoiseSchedule, eta: float, power: float = 2.0) -> torch.Tensor:
+    """[K] the factor of :func:`score_preconditioner` per step of any schedule: ``std^power / c`` with
+    ``c = ∂mean/∂output`` of the schedule's kernel (0 where the step has no variance)."""
+    K = schedule.num_steps
+    kern = schedule.forward_kernel(torch.zeros(K, 1, dtype=DTYPE), torch.ones(K, 1, dtype=DTYPE),
+                                   torch.arange(K), eta)
+    c, std = kern.mean.flatten(), kern.std.flatten().expand(K)
+    ok = (std > 0) & (c.abs() > 1e-12)
+    return torch.where(ok, std**power / torch.where(ok, c, torch.ones_like(c)), torch.zeros_like(c))
+
+
 def score_preconditioner(schedule: NoiseSchedule, eta: float = 1.0, power: float = 2.0) -> torch.Tensor:
     """[T] factor ``w(t) = σ_t^power / c_t`` with ``c_t = ∂mean/∂ε`` of the step that starts at timestep t.
 
@@ -164,8 +195,10 @@ class ToyPolicy(nn.Module):
         hidden: int = 128,
         depth: int = 3,
         parametrization: str = "score",
+        eta: float = 1.0,
     ):
         super().__init__()
+        self.eta = float(eta)
         if parametrization not in PARAMETRIZATIONS:
             raise ValueError(f"parametrization={parametrization!r}; use one of {', '.join(PARAMETRIZATIONS)}")
         self.mixture = mixture
@@ -173,34 +206,84 @@ class ToyPolicy(nn.Module):
         self.parametrization = parametrization
         self.correction = Correction(mixture.dim, hidden, depth, int(schedule.alphas_cumprod.shape[0]))
         T = int(schedule.alphas_cumprod.shape[0])
-        self.register_buffer(
-            "precond",
-            score_preconditioner(schedule, power=2.0 if parametrization == "score" else 1.0)
-            if parametrization != "eps" else torch.ones(T, dtype=DTYPE),
-            persistent=False,
-        )
+        power = 2.0 if parametrization == "score" else 1.0
+        self.flow = schedule.interpolant == "rectified_flow"
+        if self.flow:  # per step: flow timesteps are floats, looked up on the grid
+            precond = (flow_preconditioner(schedule, self.eta, power) if parametrization != "eps"
+                       else torch.ones(schedule.num_steps, dtype=DTYPE))
+        else:
+            precond = (score_preconditioner(schedule, eta=self.eta, power=power) if parametrization != "eps"
+                       else torch.ones(T, dtype=DTYPE))
+        self.register_buffer("precond", precond, persistent=False)
+
+    def timesteps_of(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        """``t`` as an ``[n]`` tensor: int64 for VP, float64 (sigma * T) for the flow schedule."""
+        t = torch.as_tensor(t, dtype=DTYPE if self.flow else torch.int64)
+        return t.expand(n) if t.dim() == 0 else t
 
     def alpha_bar(self, t: torch.Tensor, n: int) -> torch.Tensor:
-        t = torch.as_tensor(t, dtype=torch.int64)
-        if t.dim() == 0:
-            t = t.expand(n)
+        t = self.timesteps_of(t, n)
+        if self.flow:
+            return self.schedule.alpha_bar_of_timestep(t.cpu(), dtype=DTYPE)
         return self.schedule.alphas_cumprod[t.cpu()].to(DTYPE)
 
+    def _precond(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.flow:
+            return self.precond[t.cpu()].to(DTYPE)
+        grid = self.schedule.timesteps.to(DTYPE)
+        match = t.cpu()[:, None] == grid[None]  # off-grid times (the terminal σ = 0) get no correction
+        return torch.where(match.any(1), self.precond[match.to(torch.int64).argmax(1)], torch.zeros(len(t), dtype=DTYPE))
+
+    def _flow_x0_eps(self, xd: torch.Tensor, t: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact (E[x0|x], E[ε|x]) under the flow interpolant, via the VP state x/c at ᾱ = α²/c²."""
+        sigma = self.schedule.sigma_of_timestep(t.cpu()).to(DTYPE)[:, None]
+        alpha = 1 - sigma
+        scale = (alpha**2 + sigma**2).sqrt()
+        pure = sigma == 1
+        # at σ = 1 the VP level is 0 and Tweedie divides by it: evaluate those rows at a harmless level and
+        # overwrite them (no NaN in either branch, so gradients stay finite)
+        ab = torch.where(pure, torch.ones_like(alpha), alpha**2 / scale**2).squeeze(1)
+        xv = xd / scale
+        eps = self.mixture.eps(xv, ab)
+        x0 = self.mixture.x0_mean(xv, ab)
+        x0 = torch.where(pure, self.mixture.mean().to(DTYPE).expand_as(xd), x0)
+        eps = torch.where(pure, xd, eps)
+        return x0, eps
+
     def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None, *, reference: bool = False) -> torch.Tensor:
+        """The exact ε (VP) or flow velocity ε − x0 (flow schedule), plus the correction."""
         n = x.shape[0]
-        t = torch.as_tensor(t, dtype=torch.int64)
-        t = t.expand(n) if t.dim() == 0 else t
+        t = self.timesteps_of(t, n)
         ab = self.alpha_bar(t, n)
         xd = x.to(DTYPE)
-        out = self.mixture.eps(xd, ab)
+        if self.flow:
+            x0, eps = self._flow_x0_eps(xd, t, n)
+            out = eps - x0
+        else:
+            out = self.mixture.eps(xd, ab)
         if not reference:
-            out = out + self.precond[t.cpu()].to(DTYPE)[:, None] * self.correction(xd, t, ab)
+            out = out + self._precond(t)[:, None] * self.correction(xd, t, ab)
         return out.to(x.dtype)
 
     def x0_hat(self, x: torch.Tensor, t: torch.Tensor, *, reference: bool) -> torch.Tensor:
         n = x.shape[0]
+        if self.flow:
+            t = self.timesteps_of(t, n)
+            sigma = self.schedule.sigma_of_timestep(t.cpu()).to(DTYPE)[:, None]
+            return x.to(DTYPE) - sigma * self.eps(x, t, None, reference=reference).to(DTYPE)
         ab = self.alpha_bar(t, n)[:, None]
         return (x.to(DTYPE) - (1 - ab).sqrt() * self.eps(x, t, None, reference=reference).to(DTYPE)) / ab.sqrt()
+
+    def log_marginal(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """[N] exact log p_t(x) of the pretrained chain's marginal at timestep ``t`` (differentiable in x)."""
+        n = x.shape[0]
+        ab = self.alpha_bar(t, n)
+        if not self.flow:
+            return self.mixture.log_prob(x, ab)
+        sigma = self.schedule.sigma_of_timestep(self.timesteps_of(t, n).cpu()).to(DTYPE)
+        scale = ((1 - sigma) ** 2 + sigma**2).sqrt()
+        # x = scale · x_vp: the density picks up the Jacobian scale^-d
+        return self.mixture.log_prob(x / scale[:, None], ab.clamp(min=1e-300)) - self.mixture.dim * scale.log()
 
 
 class ToyLookahead:
@@ -238,8 +321,7 @@ class ToyLookahead:
 
     def _value(self, x: torch.Tensor, t: torch.Tensor, terminal: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        t = torch.as_tensor(t, dtype=torch.int64)
-        t = t.expand(n) if t.dim() == 0 else t
+        t = self.policy.timesteps_of(t, n)
         terminal = torch.as_tensor(terminal, dtype=torch.bool).expand(n)
         xd = x.to(DTYPE)
         x0 = self.policy.x0_hat(xd, t, reference=self.model == "reference")
@@ -248,7 +330,7 @@ class ToyLookahead:
         if self.prior_scale:
             ab = self.policy.alpha_bar(t, n)
             if self.prior_flow == "marginal":
-                logp = self.policy.mixture.log_prob(xd, ab)
+                logp = self.policy.log_marginal(xd, t)
             else:
                 logp = self.final_mixture.log_prob(x0)
             if self.gamma != "one":
@@ -287,14 +369,16 @@ def sample_chain(
     generator: torch.Generator | None = None,
     *,
     reference: bool = False,
-    eta: float = 1.0,
+    eta: float | None = None,
     batch_size: int = 8192,
     start: Any = None,
 ) -> torch.Tensor:
-    """[n, d] final states of the ancestral sampler (DDPM / DDIM-η) with the policy or the exact model.
+    """[n, d] final states of the ancestral sampler (the schedule's kernel at noise level ``eta``, default
+    the policy's) with the policy or the exact model.
 
     ``start(m, generator) -> [m, d]`` draws the first states (default: N(0, I))."""
     sched = policy.schedule
+    eta = policy.eta if eta is None else eta
     d = policy.mixture.dim
     out = []
     for offset in range(0, n, batch_size):

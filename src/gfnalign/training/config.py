@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 #: The objectives this trainer knows how to drive (the registry may add more).
-KNOWN_METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "rtb", "ddpo", "reward-backprop")
+KNOWN_METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "rtb", "ddpo", "grpo", "reward-backprop")
 BACKBONE_KINDS = ("digits", "sd", "sdxl", "python")
 BETA_SCHEDULES = ("constant", "linear")
 LOOKAHEAD_MODES = ("cached", "recompute")
