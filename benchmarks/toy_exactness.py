@@ -7,11 +7,14 @@ the "## Toy exactness" section of BENCHMARKS.md (other sections are kept).
     .venv/bin/python benchmarks/toy_exactness.py --write            # all cases x all methods
     .venv/bin/python benchmarks/toy_exactness.py --cases ring4-linear --methods dag-db --jobs 2
     .venv/bin/python benchmarks/toy_exactness.py --random 10 --methods rtb dag-db-relative --jobs 2 --write
+    .venv/bin/python benchmarks/toy_exactness.py --schedule flow --write   # the rectified-flow world
 
 ``--random N`` replaces the named cases by N cases of the seeded random family
 (:func:`gfnalign.toy.cases.random_case`, seeds ``--first-seed`` .. +N−1, dimension ``--dim``) and adds a
 median / worst summary per method; ``--write`` then replaces the "## Toy exactness: random cases" section.
 Method names ``dag-db-relative`` / ``dag-kl-relative`` run dag-db / dag-kl with ``objective.relative=true``.
+``--schedule flow`` runs every case under the rectified-flow interpolant (``gfnalign toy --schedule flow``)
+and writes the sections with " (flow)" appended to their titles.
 
 Cases (files written to --workdir):
 * ``ring4-linear``: 4 modes at (±2, ±2), std 0.5, r = x₁ + 0.5 x₂, β = 0.5 (target mass 0.64/0.24/0.09/0.03).
@@ -34,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["residual-nabla-db", "dag-db", "nabla-db", "dag-kl", "rtb", "dag-db-relative", "dag-kl-relative", "ddpo",
-           "reward-backprop"]
+           "grpo", "reward-backprop"]
 #: benchmark names for a method run with extra ``--set`` options
 VARIANTS = {"dag-db-relative": ("dag-db", ["objective.relative=true"]),
             "dag-kl-relative": ("dag-kl", ["objective.relative=true"]),
@@ -134,19 +137,25 @@ Findings (seed 0, 2026-11-24, fourth session; every row re-run with the 10⁵-sa
 """
 
 
-def run_one(case: str, method: str, workdir: Path, seed: int, threads: int, reuse: bool = False) -> dict:
+def run_one(case: str, method: str, workdir: Path, seed: int, threads: int, reuse: bool = False,
+            schedule: str = "vp") -> dict:
     mix, reward, beta = CASES[case][:3]
-    done = workdir / f"{case}.{method}.result.json"
+    tag = "" if schedule == "vp" else f".{schedule}"
+    done = workdir / f"{case}.{method}{tag}.result.json"
     if reuse and done.exists():
         return json.loads(done.read_text())
     mix_path, reward_path = workdir / f"{case}.mix.json", workdir / f"{case}.reward.json"
     mix_path.write_text(json.dumps(mix))
     reward_path.write_text(json.dumps(reward))
-    out = workdir / f"{case}.{method}.json"
+    out = workdir / f"{case}.{method}{tag}.json"
     base, sets = VARIANTS.get(method, (method, []))
     cmd = [sys.executable, "-m", "gfnalign", "toy", "--method", base, "--mixture", str(mix_path),
-           "--reward", str(reward_path), "--beta", str(beta), "--seed", str(seed), "--json", str(out), "--quiet"]
-    for item in sets + CASE_SETS.get(case, []):
+           "--reward", str(reward_path), "--beta", str(beta), "--seed", str(seed), "--json", str(out), "--quiet",
+           "--schedule", schedule]
+    case_sets = CASE_SETS.get(case, [])
+    if schedule != "vp":  # the SD beta grid is a VP option; the flow world starts at σ = 1 (pure noise)
+        case_sets = [s for s in case_sets if not s.startswith("noise_schedule=")]
+    for item in sets + case_sets:
         cmd += ["--set", item]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.perf_counter()
@@ -262,14 +271,18 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path("runs/toy_exactness"))
     ap.add_argument("--write", action="store_true", help="replace the toy section of BENCHMARKS.md")
     ap.add_argument("--reuse", action="store_true", help="reuse finished runs found in --workdir")
+    ap.add_argument("--schedule", choices=("vp", "flow"), default="vp", help="the toy's interpolant")
     args = ap.parse_args()
+    section = SECTION if args.schedule == "vp" else f"{SECTION} (flow)"
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.random:
         args.cases = add_random_cases(args.random, args.dim, args.first_seed)
     pairs = [(c, m) for c in args.cases for m in args.methods]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda cm: run_one(cm[0], cm[1], args.workdir, args.seed, args.threads, args.reuse), pairs))
-    (args.workdir / "results.json").write_text(json.dumps(results, indent=2))
+        results = list(pool.map(lambda cm: run_one(cm[0], cm[1], args.workdir, args.seed, args.threads, args.reuse,
+                                                   args.schedule), pairs))
+    (args.workdir / f"results{'' if args.schedule == 'vp' else '.' + args.schedule}.json").write_text(
+        json.dumps(results, indent=2))
     cmd = "python benchmarks/toy_exactness.py " + " ".join(sys.argv[1:])
     text = table(results)
     print(text)
@@ -278,21 +291,22 @@ def main() -> int:
         print()
         print(summ)
         if args.write:
-            body = (f"{RANDOM_SECTION} (d = {args.dim})\n\nEach method with its `gfnalign toy` defaults (seed {args.seed}) on "
+            title = f"{RANDOM_SECTION} (d = {args.dim}{'' if args.schedule == 'vp' else ', ' + args.schedule})"
+            body = (f"{title}\n\nEach method with its `gfnalign toy` defaults (seed {args.seed}) on "
                     f"{args.random} cases of the seeded random family (`gfnalign.toy.cases.random_case`, seeds "
                     f"{args.first_seed}–{args.first_seed + args.random - 1}, d = {args.dim}). Command: `{cmd}` "
                     f"({args.jobs} run(s) at a time, {args.threads} thread(s) each). Machine: {machine()}, shared with "
                     "other jobs, so seconds are noisy.\n\n" + "\n".join(case_line(c) for c in args.cases) + "\n\n"
                     + summ + "\n\n" + text + "\n")
-            write_section(body, ROOT / "BENCHMARKS.md", f"{RANDOM_SECTION} (d = {args.dim})")
+            write_section(body, ROOT / "BENCHMARKS.md", title)
         return 0
     if args.write:
-        body = (f"{SECTION}\n\nEvery method of `gfnalign toy` (its defaults, seed {args.seed}) against the exact tilted "
+        body = (f"{section}\n\nEvery method of `gfnalign toy` (its defaults, seed {args.seed}) against the exact tilted "
                 f"target of each case. Command: `{cmd}` (each run is `gfnalign toy --method M --mixture CASE.mix.json "
                 f"--reward CASE.reward.json --beta B --seed {args.seed}`, {args.jobs} run(s) at a time, "
                 f"{args.threads} thread(s) each). Machine: {machine()}, shared with other jobs, so seconds are noisy.\n\n"
                 + text + "\n\n" + NOTES)
-        write_section(body, ROOT / "BENCHMARKS.md")
+        write_section(body, ROOT / "BENCHMARKS.md", section)
     return 0
 
 

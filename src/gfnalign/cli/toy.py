@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "rtb", "ddpo", "reward-backprop")
+METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "rtb", "ddpo", "grpo", "reward-backprop")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

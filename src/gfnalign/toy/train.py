@@ -42,12 +42,12 @@ from gfnalign.toy.world import (
     toy_schedule,
 )
 
-METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "rtb", "ddpo", "reward-backprop")
+METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "rtb", "ddpo", "grpo", "reward-backprop")
 #: methods whose fixed point is ∝ R alone (Lebesgue target): the toy hands them r + log p_f / β so the target
 #: is p_f·exp(βr). dag-db / dag-kl with ``objective.relative: true`` are prior-relative and get the plain r.
 PRIOR_IN_REWARD = ("dag-db", "dag-kl", "nabla-db")
 #: methods that maximise the reward (no exact target; the toy reports their drift)
-BASELINES = ("ddpo", "reward-backprop")
+BASELINES = ("ddpo", "grpo", "reward-backprop")
 
 # Per-method defaults, tuned on two shared CPU cores for about two minutes per method (see BENCHMARKS.md).
 # "objective": options for build_objective; the rest drives this loop.
@@ -93,6 +93,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     # reward maximisers: the linear reward is unbounded, so a small lr and few updates keep the drift finite
     "ddpo": {
+        "objective": {"clip_range": 0.2, "fraction": 0.2},
+        "updates": 300, "batch_size": 256, "lr": 1e-4, "head_lr": 1e-3, "lookahead_model": "reference",
+    },
+    # Flow-GRPO with DDPO's toy budget (one prompt: the group is the whole batch)
+    "grpo": {
         "objective": {"clip_range": 0.2, "fraction": 0.2},
         "updates": 300, "batch_size": 256, "lr": 1e-4, "head_lr": 1e-3, "lookahead_model": "reference",
     },
