@@ -5,6 +5,7 @@
 * :mod:`gfnalign.backbones.sd`: :class:`StableDiffusionBackbone` (SD 1.x/2.x conditioning).
 * :mod:`gfnalign.backbones.sdxl`: :class:`StableDiffusionXLBackbone` (two text encoders, pooled embedding,
   micro-conditioning); :mod:`gfnalign.backbones.families` picks the class for a pipeline folder.
+* :mod:`gfnalign.backbones.sd3`: :class:`SD3Backbone` (SD3/SD3.5, rectified flow, velocity policy).
 * :mod:`gfnalign.backbones.digits`: the shipped tiny digits world (prompts, classifier, loaders).
 
 Names are imported lazily so ``import gfnalign.backbones`` stays cheap.
@@ -18,6 +19,7 @@ from typing import Any
 _EXPORTS = {
     "StableDiffusionBackbone": "gfnalign.backbones.sd",
     "StableDiffusionXLBackbone": "gfnalign.backbones.sdxl",
+    "SD3Backbone": "gfnalign.backbones.sd3",
     "LatentDiffusionBackbone": "gfnalign.backbones.latent_base",
     "LogFlowHead": "gfnalign.backbones.latent_heads",
     "FlowScoreHead": "gfnalign.backbones.latent_heads",

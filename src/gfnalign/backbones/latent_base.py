@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gfnalign.core.parametrization import eps_to_x0, model_output_to_eps
+from gfnalign.core.parametrization import model_output_to_eps
 from gfnalign.core.schedule import NoiseSchedule
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -79,9 +79,24 @@ def vae_dtype_for(vae: nn.Module, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def schedule_from_scheduler_config(config: Any, num_inference_steps: int) -> NoiseSchedule:
+def is_flow_match_config(config: Any) -> bool:
+    """A ``FlowMatchEulerDiscreteScheduler`` (SD3, FLUX) object or config dict (by class name, or a dict with
+    ``shift`` and no beta schedule)."""
+    cfg = dict(getattr(config, "config", config))
+    cls_name = str(cfg.get("_class_name") or (type(config).__name__ if hasattr(config, "config") else ""))
+    return "FlowMatch" in cls_name or ("shift" in cfg and "beta_schedule" not in cfg and "beta_start" not in cfg)
+
+
+def schedule_from_scheduler_config(
+    config: Any, num_inference_steps: int, *, kernel: str | None = None, **flow_grid: Any
+) -> NoiseSchedule:
     """The backbone's :class:`NoiseSchedule` from a scheduler object or its config dict (a dict needs
     ``_class_name`` to be recognised as DDPM).
+
+    Flow-match configs (SD3, FLUX) give a rectified-flow schedule
+    (:meth:`NoiseSchedule.from_flow_match_config`; ``flow_grid`` passes ``sigmas`` / ``mu`` /
+    ``image_seq_len``), sampled with ``kernel`` (default ``flow_sde``, Flow-GRPO's SDE). VP configs are
+    sampled with ``kernel`` (default ``ddim``).
 
     Final alpha-bar (what the last sampling step lands on): DDIM-style configs follow ``set_alpha_to_one``
     exactly (Stable Diffusion's configs say False: the last step lands on ``alphas_cumprod[0]``). A **DDPM**
@@ -91,6 +106,9 @@ def schedule_from_scheduler_config(config: Any, num_inference_steps: int) -> Noi
     last step. It needs a grid whose last timestep is > 0 (``steps_offset=1`` as in SD's configs, or
     ``timestep_spacing="trailing"``); a DDPM grid ending at timestep 0 is rejected with that advice.
     """
+    if is_flow_match_config(config):
+        return NoiseSchedule.from_flow_match_config(config, num_inference_steps, kernel=kernel or "flow_sde",
+                                                    **flow_grid)
     cfg = dict(getattr(config, "config", config))
     cls_name = str(cfg.get("_class_name") or (type(config).__name__ if hasattr(config, "config") else ""))
     is_ddpm = "DDPM" in cls_name and "set_alpha_to_one" not in cfg
@@ -107,7 +125,7 @@ def schedule_from_scheduler_config(config: Any, num_inference_steps: int) -> Noi
         sched = NoiseSchedule.from_config(
             cfg, num_inference_steps, final_alpha_cumprod=float(sched.alphas_cumprod[0])
         )
-    return sched
+    return sched if kernel is None else sched.with_kernel(kernel)
 
 
 def resolve_pipeline_source(path_or_id: str | Path, parts: Sequence[str], family: str, writer: str) -> str:
@@ -149,6 +167,8 @@ class LatentDiffusionBackbone(nn.Module):
     pipeline_class_name = "StableDiffusionPipeline"
     #: subfolders a local pipeline folder must hold
     _pipeline_parts: tuple[str, ...] = ("unet", "vae", "scheduler")
+    #: the denoiser's name in the family's LoRA files (``unet`` for SD/SDXL, ``transformer`` for SD3/FLUX)
+    _lora_prefix = "unet"
 
     def __init__(
         self,
@@ -168,6 +188,7 @@ class LatentDiffusionBackbone(nn.Module):
         full_finetune: bool = False,
         gradient_checkpointing: bool = False,
         image_size: int | None = None,
+        sampler_kernel: str | None = None,
     ) -> None:
         super().__init__()
         dtype = resolve_dtype(dtype)
@@ -195,19 +216,21 @@ class LatentDiffusionBackbone(nn.Module):
                 f"image_size={image_size!r} must be a positive multiple of the VAE factor {self.vae_scale_factor} "
                 f"(e.g. {max(1, round(int(image_size or 1) / self.vae_scale_factor)) * self.vae_scale_factor})"
             )
-        unet_factor = 2 ** (len(unet.config.block_out_channels) - 1)
+        unet_factor = self._latent_multiple(unet)
         h = image_size // self.vae_scale_factor
         if h % unet_factor:
             raise ValueError(
-                f"image_size={image_size} gives {h}×{h} latents, which the UNet's {len(unet.config.block_out_channels)} "
-                f"resolution levels cannot halve evenly; use a multiple of {self.vae_scale_factor * unet_factor}"
+                f"image_size={image_size} gives {h}×{h} latents, which the denoiser cannot divide into its "
+                f"{unet_factor}×{unet_factor} cells; use a multiple of {self.vae_scale_factor * unet_factor}"
             )
         self.image_size = image_size
         self.latent_shape = (int(unet.config.in_channels), h, h)
-        self.schedule = schedule_from_scheduler_config(scheduler, num_inference_steps)
-        # The kernels run in the variance-preserving parametrisation whatever scheduler class the folder
-        # names, so x_T ~ N(0, I); Euler-type schedulers' init_noise_sigma (≈ 14.6 for SDXL's config) is
-        # for their sigma space and does not apply.
+        self.schedule = schedule_from_scheduler_config(scheduler, num_inference_steps, kernel=sampler_kernel,
+                                                       **self._flow_grid(num_inference_steps))
+        self.schedule.check_noise_level(eta)
+        # The kernels run in the interpolant's own parametrisation (VP or rectified flow) whatever scheduler
+        # class the folder names, so x_T ~ N(0, I); Euler-type schedulers' init_noise_sigma (≈ 14.6 for SDXL's
+        # config) is for their sigma space and does not apply.
         self.init_noise_sigma = 1.0
 
         # frozen base weights in `dtype` (the VAE in float32 where float16 would overflow)
@@ -230,6 +253,15 @@ class LatentDiffusionBackbone(nn.Module):
         self._uncond: torch.Tensor | None = None
 
     # -- family hooks ----------------------------------------------------------------------------------
+    @staticmethod
+    def _latent_multiple(unet: nn.Module) -> int:
+        """The latent side must be a multiple of this (a UNet halves it once per resolution level)."""
+        return 2 ** (len(unet.config.block_out_channels) - 1)
+
+    def _flow_grid(self, num_inference_steps: int) -> dict[str, Any]:
+        """Extra arguments of a flow-match grid (FLUX: its sigmas and resolution shift); none for the rest."""
+        return {}
+
     def _encode(self, prompts: list[str]) -> torch.Tensor:  # pragma: no cover - abstract
         """Conditioning rows ``[B, L, D]`` (float32, no grad) for validated prompts."""
         raise NotImplementedError
@@ -316,9 +348,11 @@ class LatentDiffusionBackbone(nn.Module):
             raise ValueError(f"x must be latents [N, {', '.join(map(str, self.latent_shape))}], got {shape}")
         n = x.shape[0]
         t = torch.as_tensor(t, device=x.device)
-        if t.is_floating_point() or t.dtype == torch.bool:
+        flow = self.schedule.interpolant == "rectified_flow"
+        if t.dtype == torch.bool or (t.is_floating_point() and not flow):
             raise TypeError(f"t must hold integer diffusion timesteps, got dtype {t.dtype}")
-        t = t.long().reshape(-1)
+        # flow timesteps are sigma * T (floats), as the transformer takes them
+        t = (t.to(torch.float32) if flow else t.long()).reshape(-1)
         if t.numel() == 1 and n != 1:
             t = t.expand(n)
         if t.shape != (n,):
@@ -366,6 +400,8 @@ class LatentDiffusionBackbone(nn.Module):
                 both = self._unet_out(unet, torch.cat([x, x]), torch.cat([t, t]), torch.cat([unc, cond.to(unc.dtype)]))
                 out_u, out_c = both.chunk(2)
                 out = out_u + guidance * (out_c - out_u)
+            if self.schedule.prediction_type == "flow":
+                return out  # the velocity: the schedule's kernels read it directly
             ab = self.schedule.alpha_bar_of_timestep(t, dtype=x.dtype)
             return model_output_to_eps(out, x, ab, self.schedule.prediction_type)
 
@@ -373,7 +409,8 @@ class LatentDiffusionBackbone(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, *, reference: bool = False,
         guidance_scale: float | None = None,
     ) -> torch.Tensor:
-        """Guided ε like ``x``: ``ε_u + w (ε_c − ε_u)`` with ``w = guidance_scale`` (default: the backbone's).
+        """Guided ε like ``x``: ``ε_u + w (ε_c − ε_u)`` with ``w = guidance_scale`` (default: the backbone's);
+        for a flow-match family the guided velocity instead (``schedule.policy_output == "flow"``).
 
         ``w = 1`` runs the conditional branch only. ``reference=True``: pretrained model (frozen; differentiable in ``x`` only).
         """
@@ -389,10 +426,10 @@ class LatentDiffusionBackbone(nn.Module):
     def predict_x0(
         self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, *, reference: bool = False, guided: bool = True
     ) -> torch.Tensor:
-        """Tweedie's clean-latent estimate from the guided (or conditional) ε."""
+        """Tweedie's clean-latent estimate from the guided (or conditional) ε (or velocity)."""
         e = self.eps(x, t, cond, reference=reference) if guided else self.cond_eps(x, t, cond, reference=reference)
         t, _ = self._check(x, t, cond)
-        return eps_to_x0(x, e, self.schedule.alpha_bar_of_timestep(t, dtype=x.dtype))
+        return x0_from_output(self.schedule, x, e, t)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents ``[N, C, h, w]`` → images ``[N, 3, H, W]`` float32 in [0, 1], differentiable.
@@ -481,8 +518,9 @@ class LatentDiffusionBackbone(nn.Module):
         # which would make the file's bytes differ between identical runs
         meta = {k: sorted(v) if isinstance(v, set | frozenset) else v
                 for k, v in self.unet.peft_config["default"].to_dict().items()}
+        prefix = self._lora_prefix
         self._pipeline_class().save_lora_weights(
-            d, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=meta
+            d, **{f"{prefix}_lora_layers": layers, f"{prefix}_lora_adapter_metadata": meta}, safe_serialization=True
         )
         _sort_safetensors_metadata(d / LORA_WEIGHT_NAME)
         (d / "gfnalign_lora.json").write_text(json.dumps(self.lora_config, indent=2) + "\n")
@@ -494,11 +532,9 @@ class LatentDiffusionBackbone(nn.Module):
         d = Path(directory)
         f = d / LORA_WEIGHT_NAME
         if self.full_finetune:
-            from diffusers import UNet2DConditionModel
-
             if not (d / "unet").is_dir():
                 raise FileNotFoundError(f"full fine-tune weights not found: {d / 'unet'}")
-            src = UNet2DConditionModel.from_pretrained(d / "unet")
+            src = type(self.unet).from_pretrained(d / "unet")
             self.unet.load_state_dict(src.state_dict())
             return
         if self.lora_config is None:
@@ -507,8 +543,10 @@ class LatentDiffusionBackbone(nn.Module):
             raise FileNotFoundError(f"LoRA weights not found: {f}")
         from diffusers.utils import convert_unet_state_dict_to_peft
 
-        sd = self._pipeline_class().lora_state_dict(d)[0]
-        sd = {k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")}
+        sd = self._pipeline_class().lora_state_dict(d)
+        sd = sd[0] if isinstance(sd, tuple) else sd
+        prefix = self._lora_prefix + "."
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
         sd = convert_unet_state_dict_to_peft(sd)
         state = {}
         for n, _ in self.named_trainable_parameters():
@@ -532,6 +570,15 @@ class LatentDiffusionBackbone(nn.Module):
         from gfnalign.backbones.latent_heads import FlowScoreHead
 
         return FlowScoreHead(self.latent_shape, self.cond_dim, tuple(channels)).to(self.device)
+
+
+def x0_from_output(schedule: NoiseSchedule, x: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x̂0 from the policy's output at timesteps ``t`` ([N]): Tweedie from ε (VP), ``x − σ·v`` (flow)."""
+    if schedule.prediction_type == "flow":
+        sigma = schedule.sigma_of_timestep(t).to(device=x.device, dtype=x.dtype)
+        return x - sigma.reshape(-1, *([1] * (x.dim() - 1))) * output
+    ab = schedule.alpha_bar_of_timestep(t, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    return (x - (1 - ab).sqrt() * output) / ab.sqrt()
 
 
 def add_lora(

@@ -76,14 +76,22 @@ def build_backbone(cfg: TrainConfig, device: torch.device | str) -> Any:
     if kind == "digits":
         from gfnalign.backbones.digits import load_digits_backbone
 
-        return load_digits_backbone(cfg.backbone.path, **kw)
-    if kind in ("sd", "sdxl"):
+        return with_kernel(load_digits_backbone(cfg.backbone.path, **kw), cfg)
+    if kind in ("sd", "sdxl", "sd3"):
         from gfnalign.backbones.families import backbone_class
 
         fn = backbone_class(kind, cfg.backbone.path).from_pretrained
-        return fn(cfg.backbone.path, **filter_kwargs(fn, kw))
+        return with_kernel(fn(cfg.backbone.path, **filter_kwargs(fn, kw)), cfg)
     fn = import_object(str(cfg.backbone.path))
-    return fn(**filter_kwargs(fn, kw))
+    return with_kernel(fn(**filter_kwargs(fn, kw)), cfg)
+
+
+def with_kernel(backbone: Any, cfg: TrainConfig) -> Any:
+    """The backbone sampling with ``sampling.kernel`` when the config names one (else its family's own)."""
+    if cfg.sampling.kernel is not None and backbone.schedule.kernel != cfg.sampling.kernel:
+        backbone.schedule = backbone.schedule.with_kernel(cfg.sampling.kernel)
+    backbone.schedule.check_noise_level(cfg.sampling.eta)
+    return backbone
 
 
 def build_reward(cfg: TrainConfig) -> Any:

@@ -11,7 +11,7 @@ Layout of a config file (every key optional except ``method.name``; see ``config
     prompts: digits                    # anything rewards.prompts.load_prompts accepts
     method: {name: residual-nabla-db, options: {...}}   # options go to objectives.build_objective
     beta: {value: 1.0, schedule: constant | linear, warmup_fraction: 0.5}
-    sampling: {num_steps, guidance_scale, eta, log_prob_reduction, batch_size, batches_per_epoch}
+    sampling: {num_steps, guidance_scale, eta, kernel: ddim | flow_sde | cps, log_prob_reduction, batch_size, ...}
     training: {epochs, micro_batch, grad_accum, lr, lr_heads, weight_decay, ...}
     lookahead: {mode: cached | recompute, model: policy | reference, guided: true}
     memory: {budget_gb: null, checkpoint_decoder: false, checkpoint_reward: false}
@@ -32,7 +32,12 @@ import yaml
 
 #: The objectives this trainer knows how to drive (the registry may add more).
 KNOWN_METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "rtb", "ddpo", "grpo", "reward-backprop")
-BACKBONE_KINDS = ("digits", "sd", "sdxl", "python")
+BACKBONE_KINDS = ("digits", "sd", "sdxl", "sd3", "python")
+#: backbone kinds whose folders are diffusers pipelines (resolved by gfnalign.backbones.families)
+PIPELINE_KINDS = ("sd", "sdxl", "sd3")
+#: kinds whose models are rectified-flow transformers (default kernel flow_sde)
+FLOW_KINDS = ("sd3",)
+SAMPLER_KERNELS = ("ddim", "flow_sde", "cps")
 BETA_SCHEDULES = ("constant", "linear")
 LOOKAHEAD_MODES = ("cached", "recompute")
 LOOKAHEAD_MODELS = ("policy", "reference")
@@ -49,7 +54,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class BackboneConfig:
-    kind: str = "digits"  # digits (shipped) | sd (diffusers folder / hub id; SDXL folders detected) | sdxl | python
+    # digits (shipped) | sd (diffusers folder / hub id; SDXL and SD3 folders detected) | sdxl | sd3 | python
+    kind: str = "digits"
     path: str | None = None  # sd: folder or hub id; python: "module:function" returning a backbone
     dtype: str = "float32"  # dtype of the frozen weights
     lora_rank: int = 4
@@ -78,7 +84,9 @@ class BetaConfig:
 class SamplingConfig:
     num_steps: int = 20
     guidance_scale: float = 1.0
-    eta: float = 1.0
+    eta: float = 1.0  # noise level of the kernel (DDIM eta; Flow-GRPO's / CPS's a)
+    # ddim | flow_sde | cps; None: the family's own (ddim for VP models, flow_sde for SD3/FLUX)
+    kernel: str | None = None
     log_prob_reduction: str = "sum"
     batch_size: int = 8  # trajectories per sampling batch, per process
     batches_per_epoch: int = 2
@@ -459,8 +467,10 @@ register_rule("backbone.lora_targets", lambda v: all(isinstance(x, str) and x.st
 register_rule("method.name", lambda v: bool(v), "a method name (see `gfnalign list`)")
 register_rule("beta.schedule", lambda v: v in BETA_SCHEDULES, f"one of: {', '.join(BETA_SCHEDULES)}")
 register_rule("beta.warmup_fraction", lambda v: 0 < v <= 1, "a number with 0 < fraction <= 1")
-register_rule("sampling.eta", lambda v: 0 < v <= 1,
-              "0 < eta <= 1: the forward kernel needs a density (1 is DDPM's posterior)")
+register_rule("sampling.eta", _gt0, "> 0 (ddim / cps: 0 < eta <= 1, 1 is DDPM's posterior; flow_sde: Flow-GRPO's a, "
+              "e.g. 0.7)")
+register_rule("sampling.kernel", lambda v: v in SAMPLER_KERNELS,
+              f"one of: {', '.join(SAMPLER_KERNELS)}, or null for the model family's own")
 register_rule("sampling.log_prob_reduction", lambda v: v in REDUCTIONS, f"one of: {', '.join(REDUCTIONS)}")
 register_rule("sampling.start", lambda v: v in SAMPLING_STARTS, f"one of: {', '.join(SAMPLING_STARTS)}")
 register_rule("sampling.start_candidates", _gt0, "> 0")
@@ -534,10 +544,10 @@ def _known_rewards() -> tuple[str, ...] | None:
 @register_check
 def _check_backbone(cfg: TrainConfig) -> None:
     b = cfg.backbone
-    if b.kind in ("sd", "sdxl", "python") and not b.path:
+    if (b.kind in PIPELINE_KINDS or b.kind == "python") and not b.path:
         what = "'module:function'" if b.kind == "python" else "a diffusers folder or hub id"
         raise ConfigError(f"backbone.path={b.path!r} is not allowed for backbone.kind={b.kind}; give {what}")
-    if b.kind in ("sd", "sdxl"):
+    if b.kind in PIPELINE_KINDS:
         from gfnalign.backbones.families import resolve_family
 
         try:
@@ -600,6 +610,32 @@ def _try_build_objective(cfg: TrainConfig) -> None:
 
 
 @register_check
+def _check_sampling_kernel(cfg: TrainConfig) -> None:
+    """The noise level's range depends on the kernel; Flow-GRPO's SDE needs a rectified-flow model."""
+    s, kind = cfg.sampling, cfg.backbone.kind
+    if kind in PIPELINE_KINDS:  # "sd" detects the family from the folder's model_index.json
+        try:
+            from gfnalign.backbones.families import resolve_family
+
+            kind = resolve_family(kind, cfg.backbone.path)
+        except (ImportError, ValueError):
+            pass
+    kernel = s.kernel or ("flow_sde" if kind in FLOW_KINDS else "ddim")
+    if kernel == "flow_sde" and kind not in FLOW_KINDS + ("python",):
+        raise ConfigError(
+            f"sampling.kernel='flow_sde' is not allowed with backbone.kind={kind}: Flow-GRPO's SDE is for "
+            f"rectified-flow models ({', '.join(FLOW_KINDS)}); use ddim or cps"
+        )
+    if kernel == "flow_sde":
+        if not s.eta > 0:
+            raise ConfigError(f"sampling.eta={s.eta!r} is not allowed for the flow_sde kernel: use a noise level a > 0 "
+                              "(Flow-GRPO: 0.7)")
+    elif not 0 < s.eta <= 1:
+        raise ConfigError(f"sampling.eta={s.eta!r} is not allowed for the {kernel} kernel: use 0 < eta <= 1 (the "
+                          "forward kernel needs a density; 1 is DDPM's posterior)")
+
+
+@register_check
 def _check_memory(cfg: TrainConfig) -> None:
     mb = cfg.memory.budget_gb
     if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int | float) or not mb > 0):
@@ -627,7 +663,7 @@ def _check_backbone_path(cfg: TrainConfig) -> None:
     if b.kind == "digits" and b.path is not None and not (Path(b.path).expanduser() / "model_index.json").is_file():
         raise ConfigError(f"backbone.path={b.path!r} is not a diffusers pipeline folder (no model_index.json); "
                           "leave it null for the shipped digits model")
-    if b.kind in ("sd", "sdxl") and b.path and (b.path.startswith((".", "/", "~")) or Path(b.path).expanduser().exists()):
+    if b.kind in PIPELINE_KINDS and b.path and (b.path.startswith((".", "/", "~")) or Path(b.path).expanduser().exists()):
         if not (Path(b.path).expanduser() / "model_index.json").is_file():
             raise ConfigError(f"backbone.path={b.path!r} is not a diffusers pipeline folder (no model_index.json); "
                               "give a folder saved with save_pretrained or a hub id")
