@@ -227,9 +227,9 @@ class ScoreBalanceObjective(TransitionObjective):
     def shared_reward_grad(
         lookahead: Lookahead, x_t: torch.Tensor, eps: torch.Tensor, policy: PolicyModel, batch: TransitionBatch
     ) -> torch.Tensor:
-        """∇_{x_t} r(x̂0(x_t)) with x̂0 = Tweedie(x_t, ε) from an ε that has a graph from the leaf ``x_t``:
-        ∇_{x0} r by the lookahead (decoder and reward), then one VJP through ε's graph, which is kept for
-        the loss. Equal to ``lookahead.grad_log_reward`` at the (never terminal) x_t, without its network pass."""
+        """∇_{x_t} r(x̂0(x_t)) with x̂0 = ``schedule.predict_x0`` of the policy's output (ε for VP, the velocity
+        for rectified flow), which has a graph from the leaf ``x_t``: ∇_{x0} r by the lookahead (decoder and
+        reward), then one VJP through that graph, which is kept for the loss. Equal to ``lookahead.grad_log_reward`` at the (never terminal) x_t, without its network pass."""
         x0 = policy.schedule.predict_x0(x_t, eps, batch.step)
         g0 = lookahead.grad_log_reward_x0(x0.detach(), batch.cond)  # type: ignore[attr-defined]
         (grad,) = torch.autograd.grad(x0, x_t, grad_outputs=g0.to(x0.dtype), retain_graph=True)
