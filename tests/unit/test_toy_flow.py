@@ -63,3 +63,32 @@ def test_toy_flow_config():
     assert method_config("dag-db")["eta"] == 1.0
     with pytest.raises(ValueError, match="schedule"):
         method_config("dag-db", {"schedule": "edm"})
+
+
+def test_toy_flow_rejects_the_vp_beta_grid():
+    with pytest.raises(ValueError, match="noise_schedule='sd'.*schedule=flow"):
+        method_config("rtb", {"schedule": "flow", "noise_schedule": "sd"})
+
+
+@pytest.mark.parametrize("method,overrides,reward_spec", [
+    ("grpo", {}, {"type": "linear", "a": [1.0, 0.0]}),
+    ("rtb", {}, {"type": "log_ratio", "target": {"weights": [0.8, 0.2], "means": [[-1.0, 0.0], [1.0, 0.0]],
+                                                   "stds": [0.5, 0.5]}}),
+    ("dag-db", {"objective": {"relative": True}, "start": "tilted", "start_candidates": 2},
+     {"type": "quadratic", "center": [1.0, 0.0], "scale": 1.0}),
+    ("nabla-db", {}, {"type": "linear", "a": [1.0, 0.0]}),
+])
+def test_toy_flow_trains_with_the_vp_features(method, overrides, reward_spec):
+    """Issue 13's toy features (log-ratio rewards, relative DAG, rtb, the tilted start) on the flow schedule:
+    two updates change the policy and the evaluation is finite (the exactness bars are BENCHMARKS.md's)."""
+    from gfnalign.toy.rewards import reward_from_spec
+    from gfnalign.toy.train import evaluate, train
+
+    mix = GaussianMixture.from_spec({"weights": [0.5, 0.5], "means": [[-1.0, 0.0], [1.0, 0.0]], "stds": [0.5, 0.5]})
+    reward = reward_from_spec(reward_spec, 2, base=mix, beta=1.0)
+    cfg = {"schedule": "flow", "num_steps": 6, "batch_size": 16, "hidden": 16, "updates": 2, **overrides}
+    policy, info = train(method, mix, reward, 1.0, config=cfg)
+    assert info["config"]["eta"] == pytest.approx(math.sqrt(2)) and policy.flow
+    assert any(float(p.detach().abs().max()) > 0 for p in policy.correction.net[-1].parameters())
+    result = evaluate(policy, mix, reward, 1.0, samples=200, target_mass_samples=2000, start=info["start"])
+    assert math.isfinite(result["mode_mass_tv"]) and math.isfinite(result["energy_distance"])
