@@ -6,6 +6,7 @@
 * :mod:`gfnalign.backbones.sdxl`: :class:`StableDiffusionXLBackbone` (two text encoders, pooled embedding,
   micro-conditioning); :mod:`gfnalign.backbones.families` picks the class for a pipeline folder.
 * :mod:`gfnalign.backbones.sd3`: :class:`SD3Backbone` (SD3/SD3.5, rectified flow, velocity policy).
+* :mod:`gfnalign.backbones.flux`: :class:`FluxBackbone` (FLUX.1: packed latents, guidance embedding, shift mu).
 * :mod:`gfnalign.backbones.digits`: the shipped tiny digits world (prompts, classifier, loaders).
 
 Names are imported lazily so ``import gfnalign.backbones`` stays cheap.
@@ -20,6 +21,7 @@ _EXPORTS = {
     "StableDiffusionBackbone": "gfnalign.backbones.sd",
     "StableDiffusionXLBackbone": "gfnalign.backbones.sdxl",
     "SD3Backbone": "gfnalign.backbones.sd3",
+    "FluxBackbone": "gfnalign.backbones.flux",
     "LatentDiffusionBackbone": "gfnalign.backbones.latent_base",
     "LogFlowHead": "gfnalign.backbones.latent_heads",
     "FlowScoreHead": "gfnalign.backbones.latent_heads",

@@ -2,8 +2,8 @@
 
 ``backbone.kind: sd`` means "a diffusers UNet text-to-image pipeline": the family is read from the folder's
 ``model_index.json`` (``_class_name``), so an SDXL folder gets the SDXL backbone; a hub id (no local file
-to read) is treated as SD 1.x/2.x. ``backbone.kind: sdxl`` / ``sd3`` ask for SDXL / SD3 explicitly (needed for
-hub ids) and reject a local folder that declares another pipeline class. Reading the JSON imports nothing heavy.
+to read) is treated as SD 1.x/2.x. ``backbone.kind: sdxl`` / ``sd3`` / ``flux`` ask for that family explicitly
+(needed for hub ids) and reject a local folder that declares another pipeline class. Reading the JSON imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "sd": ("gfnalign.backbones.sd", "StableDiffusionBackbone"),
     "sdxl": ("gfnalign.backbones.sdxl", "StableDiffusionXLBackbone"),
     "sd3": ("gfnalign.backbones.sd3", "SD3Backbone"),
+    "flux": ("gfnalign.backbones.flux", "FluxBackbone"),
 }
 #: diffusers pipeline class name (model_index.json's ``_class_name``) -> backbone kind
 PIPELINE_CLASSES: dict[str, str] = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
 }
 
 
@@ -58,7 +60,7 @@ def resolve_family(kind: str, path: str | Path | None) -> str:
 
 
 def backbone_class(kind: str, path: str | Path | None) -> Any:
-    """The backbone class for ``backbone.kind`` (``sd`` / ``sdxl`` / ``sd3``) and ``backbone.path``."""
+    """The backbone class for ``backbone.kind`` (``sd`` / ``sdxl`` / ``sd3`` / ``flux``) and ``backbone.path``."""
     import importlib
 
     module, name = FAMILIES[resolve_family(kind, path)]

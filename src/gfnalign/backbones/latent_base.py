@@ -18,7 +18,8 @@ not depend on how a family conditions its denoiser:
 
 A family subclass (:mod:`~gfnalign.backbones.sd`, :mod:`~gfnalign.backbones.sdxl`) supplies the text side
 and the denoiser call: ``_encode(prompts) -> cond [B, L, D]``, ``_negative_cond() -> [1, L, D]``,
-``_unet_out(unet, x, t, cond) -> model output``, ``cond_dim``, ``pipeline()``, and for loading
+``_unet_out(unet, x, t, cond) -> model output`` (``guidance=`` too for ``embedded_guidance`` families),
+``cond_dim``, ``pipeline()``, and for loading
 ``pipeline_class_name`` / ``_pipeline_parts`` / ``_components(pipe)``.
 
 Shapes: ``x`` ``[N, C, h, w]`` latents (float32 in, float32 out), ``t`` ``[N]`` int64 diffusion timesteps,
@@ -30,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -169,6 +171,9 @@ class LatentDiffusionBackbone(nn.Module):
     _pipeline_parts: tuple[str, ...] = ("unet", "vae", "scheduler")
     #: the denoiser's name in the family's LoRA files (``unet`` for SD/SDXL, ``transformer`` for SD3/FLUX)
     _lora_prefix = "unet"
+    #: guidance-distilled families (FLUX.1) take the guidance scale as an input of one denoiser pass instead of
+    #: classifier-free guidance over two; their ``_unet_out`` then receives ``guidance=`` (a float)
+    embedded_guidance = False
 
     def __init__(
         self,
@@ -194,8 +199,7 @@ class LatentDiffusionBackbone(nn.Module):
         dtype = resolve_dtype(dtype)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps={num_inference_steps!r} must be a positive int (e.g. 20 or 50)")
-        if not float(guidance_scale) >= 1.0:
-            raise ValueError(f"guidance_scale={guidance_scale!r} must be >= 1 (1 disables classifier-free guidance)")
+        self._check_guidance(guidance_scale)
         if not float(eta) > 0:
             raise ValueError(f"eta={eta!r} must be > 0: the policy needs a stochastic (DDIM eta>0 / DDPM) kernel")
         if not isinstance(lora_rank, int) or lora_rank < 0:
@@ -224,7 +228,7 @@ class LatentDiffusionBackbone(nn.Module):
                 f"{unet_factor}×{unet_factor} cells; use a multiple of {self.vae_scale_factor * unet_factor}"
             )
         self.image_size = image_size
-        self.latent_shape = (int(unet.config.in_channels), h, h)
+        self.latent_shape = (self._latent_channels(unet), h, h)
         self.schedule = schedule_from_scheduler_config(scheduler, num_inference_steps, kernel=sampler_kernel,
                                                        **self._flow_grid(num_inference_steps))
         self.schedule.check_noise_level(eta)
@@ -253,6 +257,11 @@ class LatentDiffusionBackbone(nn.Module):
         self._uncond: torch.Tensor | None = None
 
     # -- family hooks ----------------------------------------------------------------------------------
+    @staticmethod
+    def _latent_channels(unet: nn.Module) -> int:
+        """Channels of the VAE latents the policy's states hold (the denoiser's input channels by default)."""
+        return int(unet.config.in_channels)
+
     @staticmethod
     def _latent_multiple(unet: nn.Module) -> int:
         """The latent side must be a multiple of this (a UNet halves it once per resolution level)."""
@@ -392,7 +401,9 @@ class LatentDiffusionBackbone(nn.Module):
         # The reference's weights are frozen, so no parameter gets a gradient from it; it still runs with
         # autograd on so that ∇_x of its log P_F (residual ∇-DB's reverse score) can be taken.
         with (self.reference() if reference else contextlib.nullcontext(self.unet)) as unet:
-            if guidance == 1.0:
+            if self.embedded_guidance:
+                out = self._unet_out(unet, x, t, cond, guidance=guidance)
+            elif guidance == 1.0:
                 out = self._unet_out(unet, x, t, cond)
             else:
                 n = x.shape[0]
@@ -415,13 +426,21 @@ class LatentDiffusionBackbone(nn.Module):
         ``w = 1`` runs the conditional branch only. ``reference=True``: pretrained model (frozen; differentiable in ``x`` only).
         """
         w = self.guidance_scale if guidance_scale is None else float(guidance_scale)
-        if not w >= 1.0:
-            raise ValueError(f"guidance_scale={guidance_scale!r} must be >= 1")
+        self._check_guidance(w)
         return self._eps(x, t, cond, reference=reference, guidance=w)
 
     def cond_eps(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, *, reference: bool = False) -> torch.Tensor:
-        """Unguided conditional ε (one UNet pass), like ``x``."""
-        return self._eps(x, t, cond, reference=reference, guidance=1.0)
+        """Unguided conditional ε (one UNet pass), like ``x``. A guidance-distilled family has no unguided
+        prediction: its one pass at the backbone's guidance scale."""
+        return self._eps(x, t, cond, reference=reference, guidance=self.guidance_scale if self.embedded_guidance else 1.0)
+
+    def _check_guidance(self, w: Any) -> None:
+        if self.embedded_guidance:
+            if not (isinstance(w, int | float) and math.isfinite(float(w)) and float(w) >= 0):
+                raise ValueError(f"guidance_scale={w!r} must be a finite number >= 0 (the {self.family} guidance "
+                                 "embedding; FLUX.1-dev uses 3.5, models without the embedding ignore it)")
+        elif not (isinstance(w, int | float) and float(w) >= 1.0):
+            raise ValueError(f"guidance_scale={w!r} must be >= 1 (1 disables classifier-free guidance)")
 
     def predict_x0(
         self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, *, reference: bool = False, guided: bool = True

@@ -67,6 +67,7 @@ def backbone_kwargs(cfg: TrainConfig, device: torch.device | str) -> dict[str, A
         full_finetune=b.full_finetune,
         gradient_checkpointing=b.gradient_checkpointing,
         **({} if b.image_size is None else {"image_size": b.image_size}),
+        **({} if b.max_sequence_length is None else {"max_sequence_length": b.max_sequence_length}),
     )
 
 
@@ -77,7 +78,7 @@ def build_backbone(cfg: TrainConfig, device: torch.device | str) -> Any:
         from gfnalign.backbones.digits import load_digits_backbone
 
         return with_kernel(load_digits_backbone(cfg.backbone.path, **kw), cfg)
-    if kind in ("sd", "sdxl", "sd3"):
+    if kind in ("sd", "sdxl", "sd3", "flux"):
         from gfnalign.backbones.families import backbone_class
 
         fn = backbone_class(kind, cfg.backbone.path).from_pretrained

@@ -32,11 +32,11 @@ import yaml
 
 #: The objectives this trainer knows how to drive (the registry may add more).
 KNOWN_METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "rtb", "ddpo", "grpo", "reward-backprop")
-BACKBONE_KINDS = ("digits", "sd", "sdxl", "sd3", "python")
+BACKBONE_KINDS = ("digits", "sd", "sdxl", "sd3", "flux", "python")
 #: backbone kinds whose folders are diffusers pipelines (resolved by gfnalign.backbones.families)
-PIPELINE_KINDS = ("sd", "sdxl", "sd3")
-#: kinds whose models are rectified-flow transformers (default kernel flow_sde)
-FLOW_KINDS = ("sd3",)
+PIPELINE_KINDS = ("sd", "sdxl", "sd3", "flux")
+#: kinds whose models are rectified-flow transformers (default kernel flow_sde; T5 max_sequence_length)
+FLOW_KINDS = ("sd3", "flux")
 SAMPLER_KERNELS = ("ddim", "flow_sde", "cps")
 BETA_SCHEDULES = ("constant", "linear")
 LOOKAHEAD_MODES = ("cached", "recompute")
@@ -54,7 +54,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class BackboneConfig:
-    # digits (shipped) | sd (diffusers folder / hub id; SDXL and SD3 folders detected) | sdxl | sd3 | python
+    # digits (shipped) | sd (diffusers folder / hub id; SDXL, SD3, FLUX folders detected) | sdxl | sd3 | flux | python
     kind: str = "digits"
     path: str | None = None  # sd: folder or hub id; python: "module:function" returning a backbone
     dtype: str = "float32"  # dtype of the frozen weights
@@ -65,6 +65,8 @@ class BackboneConfig:
     gradient_checkpointing: bool = False
     heads: str = "generic"  # generic: the objective builds its heads from state_shape; backbone: backbone.make_*_head()
     image_size: int | None = None  # pixels per side; None: the model's native size (UNet sample_size x VAE factor)
+    # sd3 / flux: T5 tokens per prompt; None: the family's default (SD3 256, FLUX 512)
+    max_sequence_length: int | None = None
 
 
 @dataclass
@@ -461,6 +463,7 @@ register_rule("run_name", lambda v: bool(v) and "/" not in v and "\\" not in v a
 register_rule("backbone.kind", lambda v: v in BACKBONE_KINDS, f"one of: {', '.join(BACKBONE_KINDS)}")
 register_rule("backbone.dtype", lambda v: v in DTYPES, f"one of: {', '.join(DTYPES)}")
 register_rule("backbone.heads", lambda v: v in ("backbone", "generic"), "one of: backbone, generic")
+register_rule("backbone.max_sequence_length", lambda v: 0 < v <= 512, "an int in 1..512 (T5 tokens) or null")
 register_rule("backbone.lora_rank", _ge0, ">= 0 (> 0 unless backbone.full_finetune: true)")
 register_rule("backbone.lora_targets", lambda v: all(isinstance(x, str) and x.strip() for x in v),
               "a list of module names such as [to_q, to_k, to_v, to_out.0]")
@@ -559,6 +562,16 @@ def _check_backbone(cfg: TrainConfig) -> None:
     if b.image_size is not None and (isinstance(b.image_size, bool) or not isinstance(b.image_size, int)
                                      or b.image_size <= 0):
         raise ConfigError(f"backbone.image_size={b.image_size!r} must be a positive int (e.g. 1024 for SDXL) or null")
+    if b.max_sequence_length is not None:
+        family = b.kind
+        if b.kind in PIPELINE_KINDS:
+            from gfnalign.backbones.families import resolve_family
+
+            family = resolve_family(b.kind, b.path)
+        if family not in FLOW_KINDS + ("python",):
+            raise ConfigError(f"backbone.max_sequence_length={b.max_sequence_length!r} is not allowed for "
+                              f"backbone.kind={b.kind}: it sets the T5 prompt length of {' / '.join(FLOW_KINDS)}; "
+                              "remove it")
     if not b.full_finetune:
         if b.lora_rank <= 0:
             raise ConfigError(f"backbone.lora_rank={b.lora_rank!r} is not allowed; use > 0, or set "
