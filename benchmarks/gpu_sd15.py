@@ -138,7 +138,8 @@ def build_backbone(tiny: bool, device: torch.device, dtype: str, steps: int, gui
     )
 
 
-def method_config(method: str, batch: int, steps: int, fraction: float) -> dict[str, Any]:
+def method_config(method: str, batch: int, steps: int, fraction: float,
+                  sampling: dict[str, Any] | None = None) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if accepts_option(method, "fraction"):
         options["fraction"] = fraction
@@ -148,7 +149,8 @@ def method_config(method: str, batch: int, steps: int, fraction: float) -> dict[
         "reward": "ink",  # unused: the reward object is passed in
         "prompts": "animals",
         "method": {"name": method, "options": options},
-        "sampling": {"num_steps": steps, "batch_size": batch, "batches_per_epoch": 1, "guidance_scale": 7.5},
+        "sampling": {"num_steps": steps, "batch_size": batch, "batches_per_epoch": 1, "guidance_scale": 7.5,
+                     **(sampling or {})},
         "training": {"micro_batch": batch},
         "lookahead": {"mode": "cached"},
         "logging": {"progress": False, "tensorboard": False},
@@ -160,18 +162,20 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None, *, name: str = "gpu_sd15", label: str = "SD1.5-size",
-         builder: Any = None, doc: str | None = None) -> int:
-    """The benchmark loop; ``benchmarks/gpu_sdxl.py`` runs it with SDXL-sized components (``builder``)."""
+         builder: Any = None, doc: str | None = None, sampling: dict[str, Any] | None = None,
+         default_methods: str | None = None, default_guidance: float = 7.5) -> int:
+    """The benchmark loop; ``benchmarks/gpu_sdxl.py`` and ``gpu_flow.py`` run it with other components
+    (``builder``; ``sampling`` overrides the rollout's sampling options, e.g. the flow kernel's noise level)."""
     builder = builder or build_backbone
     p = argparse.ArgumentParser(description=(doc or __doc__).split("\n\n")[0])
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=default_methods or ",".join(METHODS))
     p.add_argument("--batches", default="1,2,4,8,16", help="batch sizes to try, ascending")
     p.add_argument("--steps", type=int, default=20, help="sampling steps per trajectory (papers: 50)")
     p.add_argument("--fraction", type=float, default=0.1, help="fraction of transitions trained per trajectory")
     p.add_argument("--repeats", type=int, default=1, help="timed sampling epochs")
     p.add_argument("--train-repeats", type=int, default=3, help="timed training passes")
     p.add_argument("--dtype", default=None, help="frozen-weight dtype (default bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, default=default_guidance)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--budget-gb", type=float, default=24.0)
     p.add_argument("--device", default=None, help="cuda (default) or cpu (only with --tiny in practice)")
@@ -214,7 +218,7 @@ def main(argv: list[str] | None = None, *, name: str = "gpu_sd15", label: str = 
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             try:
-                h = Harness(method_config(method, b, args.steps, args.fraction), device, backbone=backbone,
+                h = Harness(method_config(method, b, args.steps, args.fraction, sampling), device, backbone=backbone,
                             reward=reward)
                 res = measure(h.cfg.to_dict(), device, b, args.repeats, unit={}, harness=h,
                               train_repeats=args.train_repeats)

@@ -96,7 +96,7 @@ class NetProbe:
 
 
 def find_networks(backbone: Any) -> dict[str, torch.nn.Module]:
-    """The backbone's UNet and VAE decoder modules (by diffusers class), for hooks."""
+    """The backbone's denoiser (UNet or flow transformer) and VAE decoder modules (by diffusers class), for hooks."""
     found: dict[str, torch.nn.Module] = {}
     seen = set()
     candidates = list(vars(backbone).values())
@@ -111,7 +111,8 @@ def find_networks(backbone: Any) -> dict[str, torch.nn.Module]:
             if not isinstance(m, torch.nn.Module):
                 continue
             cls = type(m).__name__
-            if "UNet" in cls and "unet" not in found:
+            # the denoiser: a UNet, or the MMDiT of SD3 / FLUX (counted under "unet")
+            if ("UNet" in cls or cls.endswith("Transformer2DModel")) and "unet" not in found:
                 found["unet"] = m
             elif cls.startswith("Autoencoder") and "decoder" not in found:
                 found["decoder"] = m.decoder

@@ -124,3 +124,26 @@ def test_objectives_keep_their_own_reduction_unless_the_method_sets_it():
 
     assert "log_prob_reduction" not in objective_options(_preset("digits-ddpo"), object())
     assert _preset("sd15-aesthetic-dag-db").method.options["log_prob_reduction"] == "mean"
+
+
+def test_flow_presets_mirror_flow_grpo():
+    """sd35m-* / flux1-*: Flow-GRPO's published recipes (config/grpo.py pickscore_sd3, clipscore_sd3,
+    pickscore_flux; base.py; scripts/train_sd3.py's LoRA) for every reward, grpo among the methods."""
+    presets = all_presets()
+    for reward in ("pickscore", "clip-score", "aesthetic", "hpsv2", "imagereward", "jpeg-compressibility"):
+        for model in ("sd35m", "flux1"):
+            assert f"{model}-{reward}-grpo" in presets
+    sd3, flux = presets["sd35m-pickscore-grpo"], presets["flux1-pickscore-grpo"]
+    for cfg, kind, steps, guidance, a, kl in ((sd3, "sd3", 10, 4.5, 0.7, 0.01), (flux, "flux", 6, 3.5, 0.9, 0.0)):
+        b, s, t, o = cfg["backbone"], cfg["sampling"], cfg["training"], cfg["method"]["options"]
+        assert (b["kind"], b["image_size"], b["lora_rank"], b["lora_alpha"]) == (kind, 512, 32, 64.0)
+        assert (s["num_steps"], s["guidance_scale"], s["eta"], s["kernel"], s["images_per_prompt"]) == \
+            (steps, guidance, a, "flow_sde", 24)
+        assert s["batch_size"] * s["batches_per_epoch"] % 24 == 0
+        assert (t["lr"], t["weight_decay"], t["clip_norm"]) == (3e-4, 1e-4, 1.0)
+        assert (o["clip_range"], o["adv_clip"], o["kl_beta"], o["global_std"]) == (1e-4, 5.0, kl, True)
+        # two optimiser steps per epoch over every transition
+        assert t["micro_batch"] * t["grad_accum"] * 2 == s["batch_size"] * s["batches_per_epoch"] * steps
+    assert presets["sd35m-clip-score-grpo"]["method"]["options"]["kl_beta"] == 0.02
+    assert presets["sd35m-jpeg-compressibility-grpo"]["method"]["options"]["kl_beta"] == 0.0
+    assert presets["flux1-aesthetic-dag-db"]["method"]["options"]["relative"] is True

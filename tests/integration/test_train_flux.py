@@ -78,3 +78,18 @@ def test_flux_config_is_validated(flux_folder):
     with pytest.raises(ConfigError, match="max_sequence_length.*digits"):
         TrainConfig.from_dict(tiny_config(flux_folder, "grpo", {}, backbone={"kind": "digits", "path": None,
                                                                              "max_sequence_length": 8}))
+
+
+def test_images_per_prompt_samples_whole_groups(flux_folder, tmp_path):
+    """grpo's groups: sampling.images_per_prompt consecutive trajectories share one drawn prompt, across the
+    epoch's sampling batches; a group size that does not divide the epoch is a named error."""
+    cfg = _cfg(flux_folder, "grpo", sampling={"batch_size": 2, "batches_per_epoch": 3, "images_per_prompt": 3,
+                                              "num_steps": 2})
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), "prompts": "digits"})
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.setup()
+    traj, _ = trainer.sample_epoch(0)
+    ids = traj.prompt_id.reshape(2, 3)
+    assert (ids == ids[:, :1]).all() and traj.prompts[0] == traj.prompts[2] and traj.batch_size == 6
+    with pytest.raises(ConfigError, match="sampling.images_per_prompt=4"):
+        _cfg(flux_folder, "grpo", sampling={"batch_size": 2, "batches_per_epoch": 3, "images_per_prompt": 4})

@@ -59,8 +59,17 @@ def run(args: argparse.Namespace) -> int:
         from gfnalign.rewards import prompt_set_names
 
         print("prompt sets (prompts:):  " + ", ".join(prompt_set_names()) + "  (or a .txt/.json/.csv file)")
+    bad = 0
     if what in ("all", "presets"):
-        print("presets (gfnalign train --config NAME):")
+        from gfnalign.training.config import ConfigError, TrainConfig
+
+        print("presets (gfnalign train --config NAME), each validated as `gfnalign train` would before loading:")
         for name, path in list_presets().items():
-            print(f"  {name:44s} {path}")
-    return 0
+            try:  # the whole-config checks only: no model, reward weights or prompt files are read
+                cfg = TrainConfig.load(path)
+                what_ = f"{cfg.backbone.kind}/{cfg.method.name}"
+            except (ConfigError, OSError) as err:
+                bad += 1
+                what_ = f"INVALID: {err}"
+            print(f"  {name:44s} {what_:28s} {path}")
+    return 1 if bad else 0

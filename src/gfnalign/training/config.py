@@ -92,6 +92,9 @@ class SamplingConfig:
     log_prob_reduction: str = "sum"
     batch_size: int = 8  # trajectories per sampling batch, per process
     batches_per_epoch: int = 2
+    # each drawn prompt is sampled this many times in a row within the epoch's trajectories of a process (the
+    # group of grpo's per-prompt advantages; Flow-GRPO: 24); must divide batch_size * batches_per_epoch
+    images_per_prompt: int = 1
     # "noise": x_start ~ N(0, I); "tilted": x_start ∝ N(0, I)·G(x_start) by resampling start_candidates proposals
     # with the objective's learned start value (removes the value-function bias; gfnalign.sampling.start)
     start: str = "noise"
@@ -477,6 +480,7 @@ register_rule("sampling.kernel", lambda v: v in SAMPLER_KERNELS,
 register_rule("sampling.log_prob_reduction", lambda v: v in REDUCTIONS, f"one of: {', '.join(REDUCTIONS)}")
 register_rule("sampling.start", lambda v: v in SAMPLING_STARTS, f"one of: {', '.join(SAMPLING_STARTS)}")
 register_rule("sampling.start_candidates", _gt0, "> 0")
+register_rule("sampling.images_per_prompt", _gt0, "> 0 (1: every trajectory draws its own prompt)")
 register_rule("training.adam_betas", lambda v: len(v) == 2 and all(0 <= x < 1 for x in v),
               "two numbers in [0, 1), e.g. [0.9, 0.999]")
 register_rule("training.mixed_precision", lambda v: v in MIXED_PRECISION, f"one of: {', '.join(MIXED_PRECISION)}")
@@ -620,6 +624,16 @@ def _try_build_objective(cfg: TrainConfig) -> None:
     except (ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"method.options={dict(cfg.method.options)!r} rejected by method {cfg.method.name!r}: "
                           f"{_one_line(err)}") from None
+
+
+@register_check
+def _check_prompt_groups(cfg: TrainConfig) -> None:
+    s = cfg.sampling
+    per_epoch = s.batch_size * s.batches_per_epoch
+    if s.images_per_prompt > 1 and per_epoch % s.images_per_prompt:
+        raise ConfigError(f"sampling.images_per_prompt={s.images_per_prompt} does not divide the {per_epoch} trajectories "
+                          f"of an epoch (sampling.batch_size {s.batch_size} x batches_per_epoch {s.batches_per_epoch}); "
+                          "use a divisor or change the batch sizes")
 
 
 @register_check

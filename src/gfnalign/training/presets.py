@@ -4,6 +4,9 @@
   digit-alignment reward; sized to finish in a few minutes on two CPU cores).
 * ``digits-<method>``: every method on the digits world at an equal budget (the methods table in miniature).
 * ``sdxl-<reward>-<method>``: the same rewards and methods on SDXL base at 1024 px (:func:`sdxl_preset`).
+* ``sd35m-<reward>-<method>`` / ``flux1-<reward>-<method>``: SD3.5 Medium and FLUX.1-dev with Flow-GRPO's
+  published recipes (:func:`flow_preset`): ``grpo`` for every reward, and relative DAG-DB / residual ∇-DB at
+  the same sampling budget.
 * ``sd15-<reward>-<method>``: Stable Diffusion 1.5 presets mirroring the papers' defaults
   (spec/dag.md §5, spec/nabla_gfn.md §6.3, DDPO and DRaFT/ReFL where stated). The authors' code averages
   log-probs over the latent (``log_prob_reduction: mean``), so their β is kept together with that reduction
@@ -194,6 +197,97 @@ def sdxl_preset(reward: str, method: str) -> dict[str, Any]:
     return cfg
 
 
+# -- flow-matching models: SD3.5 Medium and FLUX.1-dev (Flow-GRPO's published recipes) ----------------------
+#: Flow-GRPO (yifan123/flow_grpo, ``config/base.py`` + ``config/grpo.py``, the 32-GPU recipes ``pickscore_sd3``,
+#: ``clipscore_sd3``, ``pickscore_flux``): steps, guidance, noise level a of the SDE, resolution, group size
+#: (images per prompt), and the LoRA of ``scripts/train_sd3.py`` (r 32, alpha 64 on the joint attention's eight
+#: projections; the FLUX script uses the same). lr 3e-4, AdamW weight decay 1e-4, gradient clip 1.0, PPO clip
+#: 1e-4, advantage clip 5, per-prompt groups with the std of all rewards (``global_std``), bf16.
+FLOW_MODELS: dict[str, dict[str, Any]] = {
+    "sd35m": {"kind": "sd3", "path": "stabilityai/stable-diffusion-3.5-medium", "num_steps": 10,
+              "guidance_scale": 4.5, "eta": 0.7, "image_size": 512, "sampling_batch": 8, "micro_batch": 8},
+    # FLUX.1-dev: 6 sampling steps, guidance embedding 3.5, a = 0.9 (``pickscore_flux``); 12 B parameters, so
+    # smaller sampling and training micro-batches than SD3.5-M (2.5 B) at the same epoch size
+    "flux1": {"kind": "flux", "path": "black-forest-labs/FLUX.1-dev", "num_steps": 6, "guidance_scale": 3.5,
+              "eta": 0.9, "image_size": 512, "sampling_batch": 4, "micro_batch": 4},
+}
+FLOW_LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                     "attn.add_v_proj", "attn.to_add_out"]
+FLOW_GROUP = 24  # sample.num_image_per_prompt
+#: Flow-GRPO's KL β (``train.beta``) per reward: published for PickScore (0.01), CLIP score (0.02) and JPEG
+#: compressibility (0, the ``compressibility`` config); the other human-preference rewards take PickScore's.
+#: Its FLUX.1 recipes train without KL (β = 0) for every reward.
+_FLOW_KL = {"pickscore": 0.01, "clip-score": 0.02, "jpeg-compressibility": 0.0, "aesthetic": 0.01, "hpsv2": 0.01,
+            "imagereward": 0.01}
+_FLOW_PROMPTS = {"pickscore": "animals", "clip-score": "animals", "jpeg-compressibility": "animals",
+                 "aesthetic": "animals", "hpsv2": _SD_REWARDS["hpsv2"]["prompts"],
+                 "imagereward": _SD_REWARDS["imagereward"]["prompts"]}
+#: the GFlowNet objectives at the same sampling budget: relative DAG-DB (target p_#-sampler·exp(β·r), no
+#: reward gradient needed) and residual ∇-DB (differentiable rewards), with the β of the SD1.5 preset of the
+#: same reward (the papers' values; not tuned for flow models). grpo for every reward.
+FLOW_METHODS = ("grpo", "dag-db", "residual-nabla-db")
+
+
+def flow_methods_for(reward: str) -> tuple[str, ...]:
+    if reward not in _SD_REWARDS:  # no paper β for a GFlowNet target with this reward
+        return ("grpo",)
+    return tuple(m for m in FLOW_METHODS if m in _SD_METHODS_FOR.get(reward, METHODS) or m == "grpo")
+
+
+def flow_preset(model: str, reward: str, method: str) -> dict[str, Any]:
+    """``sd35m-<reward>-<method>`` / ``flux1-<reward>-<method>``: Flow-GRPO's recipe for ``model`` (see
+    :data:`FLOW_MODELS`).
+
+    One process holds whole groups of 24 images of a prompt (48 trajectories per epoch: two prompts);
+    Flow-GRPO draws 48 prompts per epoch over 32 GPUs, so scale ``sampling.batches_per_epoch`` or the process
+    count for its prompt throughput. Two optimiser steps per epoch (its ``gradient_accumulation_steps`` =
+    half the sampling batches), every step of every trajectory trained (its ``timestep_fraction=0.99`` trains
+    ⌊0.99·K⌋ = K − 1 of K steps). Not mirrored: its EMA of the LoRA, separate evaluation step counts
+    (SD3.5: 40, FLUX: 28), and statistics gathered over all processes (here per process).
+    """
+    m = FLOW_MODELS[model]
+    per_epoch = 2 * FLOW_GROUP
+    transitions = per_epoch * m["num_steps"]
+    cfg: dict[str, Any] = {
+        "run_name": f"{model}-{reward}-{method}",
+        "seed": 0,
+        "backbone": {"kind": m["kind"], "path": m["path"], "dtype": "bfloat16", "lora_rank": 32, "lora_alpha": 64.0,
+                     "lora_targets": list(FLOW_LORA_TARGETS), "gradient_checkpointing": True, "heads": "backbone",
+                     "image_size": m["image_size"]},
+        "reward": reward,
+        "prompts": copy.deepcopy(_FLOW_PROMPTS[reward]),
+        "sampling": {"num_steps": m["num_steps"], "guidance_scale": m["guidance_scale"], "eta": m["eta"],
+                     "kernel": "flow_sde", "log_prob_reduction": "mean", "batch_size": m["sampling_batch"],
+                     "batches_per_epoch": per_epoch // m["sampling_batch"], "images_per_prompt": FLOW_GROUP},
+        "lookahead": {"mode": "cached", "model": "policy", "guided": True},
+        "logging": {"sample_every": 5, "checkpoint_every": 5, "keep_checkpoints": 3, "eval_samples": 32,
+                    "grid_prompts": 8},
+        "reliability": {"max_nan_streak": 5, "on_bad_reward": "skip"},
+        "training": {"epochs": 100, "micro_batch": m["micro_batch"],
+                     "grad_accum": transitions // 2 // m["micro_batch"], "lr": 3e-4, "lr_heads": 3e-4,
+                     "weight_decay": 1e-4, "weight_decay_heads": 1e-4, "adam_betas": [0.9, 0.999],
+                     "clip_norm": 1.0, "mixed_precision": "bf16"},
+    }
+    if method == "grpo":
+        kl = 0.0 if model == "flux1" else _FLOW_KL[reward]
+        cfg["beta"] = {"value": 1.0, "schedule": "constant"}
+        cfg["method"] = {"name": "grpo", "options": {"clip_range": 1e-4, "adv_clip": 5.0, "kl_beta": kl,
+                                                     "global_std": True, "fraction": 1.0,
+                                                     "log_prob_reduction": "mean"}}
+        return cfg
+    sd = sd15_preset(reward, method)  # the paper's β and objective options for this reward
+    cfg["beta"] = sd["beta"]
+    options = copy.deepcopy(sd["method"]["options"])
+    if method == "dag-db":
+        options["relative"] = True  # p_#-sampler·exp(β·r): the prior kept (README "What each method samples")
+    cfg["method"] = {"name": method, "options": options}
+    cfg["training"]["lr"] = cfg["training"]["lr_heads"] = sd["training"]["lr"]
+    # two optimiser steps over the transitions the objective selects (residual ∇-DB trains a tenth of them)
+    selected = round(transitions * float(options.get("fraction", 1.0)))
+    cfg["training"]["grad_accum"] = max(1, selected // 2 // m["micro_batch"])
+    return cfg
+
+
 def all_presets() -> dict[str, dict[str, Any]]:
     out = {f"digits-{m}": digits_preset(m) for m in METHODS}
     for reward in _SD_REWARDS:
@@ -202,6 +296,10 @@ def all_presets() -> dict[str, dict[str, Any]]:
     for reward in _SD_REWARDS:
         for m in _SD_METHODS_FOR.get(reward, METHODS):
             out[f"sdxl-{reward}-{m}"] = sdxl_preset(reward, m)
+    for model in FLOW_MODELS:
+        for reward in _FLOW_KL:
+            for m in flow_methods_for(reward):
+                out[f"{model}-{reward}-{m}"] = flow_preset(model, reward, m)
     return out
 
 

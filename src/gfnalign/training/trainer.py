@@ -4,7 +4,8 @@ One epoch (DESIGN.md §9)::
 
     beta = schedule(epoch)
     reseed torch/python/numpy from (seed, rank, epoch)          # per-rank seeds differ
-    for each of `batches_per_epoch` batches: draw prompts, encode, rollout (no grad), decode, reward
+    for each of `batches_per_epoch` batches: draw prompts (whole groups of `images_per_prompt` per epoch),
+        encode, rollout (no grad), decode, reward
         (lookahead: cached -> r(x0_hat) of every state, once)
     any NaN/inf reward or RewardOutputError on any rank -> the epoch's updates are skipped and counted
     traj = objective.prepare(traj); batch = objective.select_transitions(traj, generator); shuffle
@@ -406,8 +407,18 @@ class Trainer:
         self.counters.reset()
         t0 = time.perf_counter()
         progress = self.cfg.logging.progress and self.is_main
+        groups = None
+        if s.images_per_prompt > 1:  # whole groups of one prompt in the epoch, cut into sampling batches
+            g_texts, g_ids = draw_prompts(self.prompt_set, self.all_prompts,
+                                          s.batch_size * s.batches_per_epoch // s.images_per_prompt, prompt_gen)
+            groups = ([t for t in g_texts for _ in range(s.images_per_prompt)],
+                      g_ids.repeat_interleave(s.images_per_prompt))
         for b in range(s.batches_per_epoch):
-            texts, ids = draw_prompts(self.prompt_set, self.all_prompts, s.batch_size, prompt_gen)
+            if groups is None:
+                texts, ids = draw_prompts(self.prompt_set, self.all_prompts, s.batch_size, prompt_gen)
+            else:
+                cut = slice(b * s.batch_size, (b + 1) * s.batch_size)
+                texts, ids = groups[0][cut], groups[1][cut]
             base = (self.rank * s.batches_per_epoch + b) * s.batch_size
             traj_ids = torch.arange(base, base + s.batch_size, dtype=torch.int64)
             traj, images = self._rollout(texts, ids, traj_ids, gen, progress=progress)
