@@ -23,11 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gfnalign.training.config import ConfigError, TrainConfig, apply_overrides
-    from gfnalign.training.presets import DEMO
+    from gfnalign.api import load_config
+    from gfnalign.training.config import ConfigError
 
     try:
-        cfg = TrainConfig.from_dict(apply_overrides(DEMO, args.overrides))
+        cfg = load_config("demo", args.overrides)
     except ConfigError as err:
         print(f"gfnalign demo: config error: {err}", file=sys.stderr)
         return 2
@@ -43,19 +43,19 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"[gfnalign] replacing the previous run in {args.out}", file=sys.stderr)
         shutil.rmtree(args.out)
-    from gfnalign.training.trainer import Trainer
+
+    from gfnalign.cli.train import train_with_exit_code
 
     t0 = time.perf_counter()
-    code = Trainer(cfg, args.out, resume=args.resume).train()
+    code, result = train_with_exit_code(cfg, args.out, resume=args.resume, command="demo")
+    if result is None:
+        return code
     wall = time.perf_counter() - t0
     report = args.out / "report.md"
-    if code == 0 and report.is_file():
-        import json
-
-        before = json.loads((args.out / "eval_before.json").read_text())
-        after = json.loads((args.out / "eval_after.json").read_text())
+    before, after = result.before, result.after
+    if report.is_file() and before is not None and after is not None:
         acc = (f", accuracy {100 * before['accuracy']:.1f}% -> {100 * after['accuracy']:.1f}%"
                if "accuracy" in before and "accuracy" in after else "")
         print(f"demo finished in {wall:.0f} s: reward {before['reward_mean']:.3f} -> {after['reward_mean']:.3f}{acc}, "
               f"diversity {before['diversity']:.3f} -> {after['diversity']:.3f}; report: {report}")
-    return code
+    return 0

@@ -43,107 +43,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-report", action="store_true", help="print the markdown but append it nowhere")
 
 
-def _prompt_list(prompt_set) -> list[str]:
-    for attr in ("prompts", "texts"):
-        value = getattr(prompt_set, attr, None)
-        if isinstance(value, list | tuple) and value:
-            return [str(v) for v in value]
-    if isinstance(prompt_set, list | tuple):
-        return [str(v) for v in prompt_set]
-    try:
-        return [str(v) for v in list(prompt_set)]
-    except TypeError as err:
-        raise ValueError(f"cannot list the prompts of {prompt_set!r}; pass --prompts with a file or set name") from err
-
-
-def load_weights(backbone, folder: Path) -> None:
-    """Load a diffusers-format LoRA folder (``final/``) or a trainer checkpoint (``checkpoints/step_N``)."""
-    from gfnalign.cli.weights import load_into
-
-    load_into(backbone, folder)
-
-
-def _auto_features(kind: str) -> str:
-    from gfnalign.evaluation.features import dreamsim_available
-
-    if kind == "digits":
-        return "digits"
-    if dreamsim_available():
-        return "dreamsim"
-    print("note: no local CLIP/DreamSim weights given; measuring diversity and drift in pixel space "
-          "(pass --features clip:PATH for a semantic feature space)")
-    return "pixels:16"
+#: the API's argument names as this command spells them
+FLAGS = {"samples": "--samples", "batch_size": "--batch-size", "max_prompts": "--max-prompts", "seed": "--seed",
+         "lora": "--lora", "run": "--run"}
 
 
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from gfnalign.cli.weights import WeightsError
+    from gfnalign.api import ArgumentError, evaluate, markdown_report
     from gfnalign.training.checkpoint import CheckpointError
     from gfnalign.training.config import ConfigError
+    from gfnalign.training.weights import WeightsError
 
     try:
-        return _run(args)
+        result = evaluate(
+            args.run, config=args.config, overrides=args.overrides, lora=args.lora, samples=args.samples,
+            prompts=args.prompts, max_prompts=args.max_prompts, extra_rewards=args.extra_rewards,
+            features=args.features, metric=args.metric, seed=args.seed, batch_size=args.batch_size,
+            device=args.device, floor=not args.no_floor,
+        )
+    except ArgumentError as err:
+        print(f"gfnalign eval: {err.named(FLAGS.get(err.name, err.name))}", file=sys.stderr)
+        return 2
     except (WeightsError, CheckpointError, ConfigError, FileNotFoundError) as err:
         print(f"gfnalign eval: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-
-
-def _run(args: argparse.Namespace) -> int:
-    import torch
-
-    from gfnalign.cli.weights import WeightsError, positive_int
-    from gfnalign.evaluation.evaluate import evaluate_backbone, markdown_report
-    from gfnalign.evaluation.features import build_features
-    from gfnalign.training.build import build_backbone, build_reward
-    from gfnalign.training.config import TrainConfig
-
-    if args.run is None and args.config is None:
-        raise WeightsError("pass --run RUN_DIR (or --config FILE together with --lora DIR)")
-    positive_int(args.samples, "--samples", "eval", minimum=2)  # diversity needs pairs
-    positive_int(args.batch_size, "--batch-size", "eval")
-    positive_int(args.max_prompts, "--max-prompts", "eval")
-    positive_int(args.seed, "--seed", "eval", minimum=0)
-    if args.lora is not None and str(args.lora) != "none" and not Path(args.lora).is_dir():
-        raise WeightsError(f"--lora {str(args.lora)!r} does not exist; pass RUN/final, RUN/checkpoints/step_N "
-                           "or none")
-
-    cfg_path = args.config or (args.run / "config.yaml")
-    if not cfg_path.is_file():
-        raise WeightsError(f"{cfg_path} not found; --run must be a directory written by `gfnalign train`")
-    cfg = TrainConfig.load(cfg_path, args.overrides)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-    lora = args.lora if args.lora is not None else (args.run / "final" if args.run is not None else None)
-    torch.manual_seed(cfg.seed)
-    backbone = build_backbone(cfg, device)
-    if lora is not None and str(lora) != "none":
-        load_weights(backbone, Path(lora))
-
-    from gfnalign.rewards import build_reward as build_any_reward
-    from gfnalign.rewards.prompts import load_prompts
-
-    rewards = [build_reward(cfg)] + [build_any_reward(spec) for spec in args.extra_rewards]
-    prompts = _prompt_list(load_prompts(args.prompts if args.prompts is not None else cfg.prompts))
-    prompts = list(dict.fromkeys(prompts))
-    if args.max_prompts is not None:
-        prompts = prompts[: args.max_prompts]
-    feat_spec = _auto_features(cfg.backbone.kind) if args.features == "auto" else args.features
-    features = build_features(feat_spec, device=device)
-
-    result = evaluate_backbone(
-        backbone, prompts, rewards, features, samples_per_prompt=args.samples, seed=args.seed,
-        batch_size=args.batch_size, eta=cfg.sampling.eta, metric=args.metric, floor=not args.no_floor,
-    )
-    result.update({
-        "run": str(args.run) if args.run else None,
-        "lora": None if lora is None else str(lora),
-        "method": cfg.method.name,
-        "backbone": cfg.backbone.kind,
-        "num_steps": cfg.sampling.num_steps,
-        "guidance_scale": cfg.sampling.guidance_scale,
-    })
-    title = f"Evaluation: {cfg.method.name} (`gfnalign eval`, seed {args.seed})"
+    title = f"Evaluation: {result['method']} (`gfnalign eval`, seed {args.seed})"
     md = markdown_report(result, title=title)
     print(md)
     if args.json is not None:

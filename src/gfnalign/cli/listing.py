@@ -3,30 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
-
-
-def preset_dirs() -> list[Path]:
-    """Shipped presets (inside the package) first, then a source checkout's ``configs/``."""
-    return [d for d in (PACKAGED_CONFIGS, REPO_CONFIGS, Path.cwd() / "configs") if d.is_dir()]
-
-
-def list_presets() -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for d in preset_dirs():
-        for f in sorted(d.glob("*.yaml")):
-            out.setdefault(f.stem, f)
-    return out
-
-
-def find_preset(name: str) -> Path | None:
-    """A preset by name (``digits-residual-nabla-db``) or file name (``...yaml``)."""
-    stem = Path(name).name
-    stem = stem[:-5] if stem.endswith(".yaml") else stem
-    return list_presets().get(stem)
+from gfnalign.api import find_preset, list_presets, preset_dirs  # noqa: F401  (re-exported for callers)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

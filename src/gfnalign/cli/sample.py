@@ -24,88 +24,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for the PNG files (and grid.png)")
 
 
+#: the API's argument names as this command spells them
+FLAGS = {"n": "--n", "batch_size": "--batch-size", "steps": "--steps", "seed": "--seed", "guidance": "--guidance",
+         "out": "--out", "run": "--run"}
+
+
 def run(args: argparse.Namespace) -> int:
-    from gfnalign.cli.weights import WeightsError
+    from gfnalign.api import ArgumentError, sample
     from gfnalign.training.checkpoint import CheckpointError
     from gfnalign.training.config import ConfigError
+    from gfnalign.training.weights import WeightsError
 
     try:
-        return _run(args)
+        result = sample(args.run, lora=args.lora, base=args.base, pretrained=args.pretrained,
+                        prompts=list(args.prompt) or args.prompts, n=args.n, steps=args.steps,
+                        guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, out=args.out)
+    except ArgumentError as err:
+        flag = {**FLAGS, "prompts": "--prompt" if args.prompt else "--prompts"}.get(err.name, err.name)
+        print(f"gfnalign sample: {err.named(flag)}", file=sys.stderr)
+        return 2
     except (WeightsError, CheckpointError, ConfigError, FileNotFoundError) as err:
         print(f"gfnalign sample: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-
-
-def _run(args: argparse.Namespace) -> int:
-    import math
-
-    import torch
-    from PIL import Image
-
-    from gfnalign.cli.weights import WeightsError, load_into, positive_int
-    from gfnalign.sampling import rollout
-    from gfnalign.training.build import build_backbone
-    from gfnalign.training.config import TrainConfig
-    from gfnalign.training.report import save_grid, to_uint8
-    from gfnalign.training.trainer import prompt_list
-
-    positive_int(args.n, "--n", "sample")
-    positive_int(args.batch_size, "--batch-size", "sample")
-    positive_int(args.steps, "--steps", "sample")
-    positive_int(args.seed, "--seed", "sample", minimum=0)
-    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance > 0):
-        raise WeightsError(f"--guidance={args.guidance!r} is not allowed; use a finite number > 0")
-    if any(not p.strip() for p in args.prompt):
-        raise WeightsError("--prompt '' is not allowed; give a non-empty prompt")
-    if args.out.exists() and not args.out.is_dir():
-        raise WeightsError(f"--out {str(args.out)!r} is a file; give a folder")
-    if args.run is not None:
-        cfg_file, lora = args.run / "config.yaml", args.run / "final"
-        if not cfg_file.is_file():
-            print(f"gfnalign sample: {cfg_file} not found; --run must be a gfnalign run directory", file=sys.stderr)
-            return 2
-        cfg = TrainConfig.load(cfg_file)
-    else:
-        lora = args.lora
-        if not (lora / "pytorch_lora_weights.safetensors").is_file() and not args.pretrained:
-            print(f"gfnalign sample: {lora / 'pytorch_lora_weights.safetensors'} not found", file=sys.stderr)
-            return 2
-        cfg_file = lora / "training_config.yaml"
-        cfg = TrainConfig.load(cfg_file) if cfg_file.is_file() else TrainConfig()
-        if args.base:
-            cfg.backbone.kind, cfg.backbone.path = "sd", args.base
-    if args.steps is not None:
-        cfg.sampling.num_steps = args.steps
-    if args.guidance is not None:
-        cfg.sampling.guidance_scale = args.guidance
-    if args.prompt:
-        prompts = list(args.prompt)
-    else:
-        from gfnalign.rewards.prompts import load_prompts
-
-        prompts = list(dict.fromkeys(prompt_list(load_prompts(args.prompts or cfg.prompts))))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    backbone = build_backbone(cfg, device)
-    if not args.pretrained:
-        if not (lora / "pytorch_lora_weights.safetensors").is_file():
-            print(f"gfnalign sample: no LoRA at {lora} (train first, or pass --pretrained)", file=sys.stderr)
-            return 2
-        load_into(backbone, lora)
-    args.out.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    todo = [p for p in prompts for _ in range(args.n)]
-    images = []
-    with torch.no_grad():
-        for s in range(0, len(todo), args.batch_size):
-            texts = todo[s:s + args.batch_size]
-            cond = backbone.encode_prompts(texts)
-            traj = rollout(backbone, cond, backbone.initial_noise(len(texts), gen), eta=cfg.sampling.eta,
-                           generator=gen)
-            images.append(backbone.decode(traj.final).float().cpu())
-    images = torch.cat(images)
-    for i, (arr, p) in enumerate(zip(to_uint8(images), todo)):
-        slug = "".join(c if c.isalnum() else "_" for c in p)[:40]
-        Image.fromarray(arr).save(args.out / f"{i:04d}_{slug}.png")
-    save_grid(images, todo, args.out / "grid.png", cols=args.n)
-    print(f"wrote {len(todo)} images to {args.out}")
+    print(f"wrote {len(result.prompts)} images to {args.out}")
     return 0

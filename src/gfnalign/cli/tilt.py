@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from gfnalign.cli.evaluate import _prompt_list, load_weights
+    from gfnalign.api import load_weights, prompt_texts
     from gfnalign.evaluation.features import DigitFeatures
     from gfnalign.evaluation.tilt import markdown_section, measure_tilt, plot_class_masses
     from gfnalign.rewards.prompts import load_prompts
@@ -64,8 +64,14 @@ def run(args: argparse.Namespace) -> int:
     lora = args.lora or args.run / "final"
     torch.manual_seed(cfg.seed)
     backbone = build_backbone(cfg, torch.device("cpu"))
-    load_weights(backbone, Path(lora))
-    prompts = list(dict.fromkeys(_prompt_list(load_prompts(cfg.prompts))))[: args.max_prompts]
+    from gfnalign.training.checkpoint import CheckpointError
+    from gfnalign.training.weights import WeightsError
+
+    try:
+        load_weights(backbone, Path(lora))
+    except (WeightsError, CheckpointError) as err:
+        return _fail(" ".join(str(err).split()))
+    prompts = list(dict.fromkeys(prompt_texts(load_prompts(cfg.prompts))))[: args.max_prompts]
     beta = float(cfg.beta.value if args.beta is None else args.beta)
     classifier = DigitFeatures().classifier
     result = measure_tilt(backbone, prompts, build_reward(cfg), beta, classifier, target_samples=args.target_samples,

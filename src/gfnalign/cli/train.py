@@ -7,7 +7,6 @@ train ...``: every process runs this command; rank 0 writes the run directory.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -28,26 +27,15 @@ def resolve_config_path(value: str) -> Path:
     path = Path(value)
     if path.is_file():
         return path
-    from gfnalign.cli.listing import find_preset
+    from gfnalign.api import find_preset
 
     preset = find_preset(value)
     return preset if preset is not None else path
 
 
-def check_output_dir(run_dir: Path) -> None:
-    """``--out`` must be a folder we can create and write (checked before any model loads)."""
-    from gfnalign.training.config import ConfigError
-
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {str(run_dir)!r} is a file, not a folder; choose another --out")
-    parent = run_dir if run_dir.exists() else next((p for p in run_dir.absolute().parents if p.exists()), None)
-    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {str(run_dir)!r} cannot be created or written here (no write permission on "
-                          f"{str(parent)!r}); choose another --out")
-
-
 def run(args: argparse.Namespace) -> int:
-    from gfnalign.training.config import ConfigError, TrainConfig, check_resources
+    from gfnalign.api import check_run
+    from gfnalign.training.config import ConfigError, TrainConfig
 
     out = Path(args.out) if args.out else None
     try:
@@ -59,31 +47,35 @@ def run(args: argparse.Namespace) -> int:
             print("gfnalign train: --config FILE is required (or --out RUN --resume latest for an existing run)",
                   file=sys.stderr)
             return 2
-        check_resources(cfg)
-        run_dir = out if out is not None else Path("runs") / cfg.run_name
-        check_output_dir(run_dir)
+        check_run(cfg, out)
     except ConfigError as err:
         print(f"gfnalign train: config error: {err}", file=sys.stderr)
         return 2
     if args.validate_only:
         print("config OK")
         return 0
-    from gfnalign.training import checkpoint as ckpt
 
-    if not args.resume and ckpt.latest_checkpoint(run_dir / "checkpoints") is not None:
-        print(f"gfnalign train: {run_dir} already holds checkpoints; pass --resume latest to continue it or "
-              "choose another --out", file=sys.stderr)
-        return 2
+    code, _ = train_with_exit_code(cfg, out, resume=args.resume, stop_after_updates=args.stop_after_updates)
+    return code
 
+
+def train_with_exit_code(cfg, out: Path | None, *, resume: str | None = None, stop_after_updates: int | None = None,
+                         command: str = "train"):
+    """Run :func:`gfnalign.api.train`; a named error becomes one line on stderr and an exit code (2: bad input,
+    1: the run stopped; its checkpoint is kept). Returns ``(code, TrainResult or None)``."""
+    from gfnalign.api import ArgumentError, RunExistsError, train
+    from gfnalign.training.checkpoint import CheckpointError
+    from gfnalign.training.config import ConfigError
     from gfnalign.training.reward_guard import RewardUnavailableError
-    from gfnalign.training.trainer import BadRewardError, NanLossError, Trainer, TrainingFailedError
+    from gfnalign.training.trainer import BadRewardError, NanLossError, TrainingFailedError
 
-    trainer = Trainer(cfg, run_dir, resume=args.resume, stop_after_updates=args.stop_after_updates)
     try:
-        return trainer.train()
+        return 0, train(cfg, out=out, resume=resume, stop_after_updates=stop_after_updates)
+    except ArgumentError as err:
+        print(f"gfnalign {command}: {err.named('--' + err.name.replace('_', '-'))}", file=sys.stderr)
     except (NanLossError, BadRewardError, TrainingFailedError, RewardUnavailableError) as err:
-        print(f"gfnalign train: stopped: {err}", file=sys.stderr)
-        return 1
-    except (ConfigError, FileNotFoundError, ckpt.CheckpointError) as err:
-        print(f"gfnalign train: {err}", file=sys.stderr)
-        return 2
+        print(f"gfnalign {command}: stopped: {err}", file=sys.stderr)
+        return 1, None
+    except (RunExistsError, ConfigError, FileNotFoundError, CheckpointError) as err:
+        print(f"gfnalign {command}: {err}", file=sys.stderr)
+    return 2, None

@@ -106,7 +106,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "updates": 300, "batch_size": 256, "lr": 1e-4, "head_lr": 1e-3, "lookahead_model": "reference",
     },
 }
-_LOOP_KEYS = ("updates", "batch_size", "lr", "head_lr", "lookahead_model", "anneal_updates", "grad_clip",
+#: loop defaults for an objective registered from user code (gfnalign.register_objective); its target is
+#: taken to be the pretrained sampler tilted by exp(β·r) unless ``prior_in_reward: true`` says it is ∝ R alone
+CUSTOM_DEFAULTS: dict[str, Any] = {
+    "objective": {}, "updates": 1000, "batch_size": 256, "lr": 1e-3, "head_lr": 3e-3, "lookahead_model": "reference",
+}
+_LOOP_KEYS = ("updates", "prior_in_reward", "batch_size", "lr", "head_lr", "lookahead_model", "anneal_updates", "grad_clip",
               "prior_flow", "updates_per_rollout", "weight_decay", "hidden", "depth", "num_steps",
               "parametrization", "lr_decay", "noise_schedule", "start", "start_candidates", "schedule", "eta")
 #: "noise": the fine-tuned chain starts from N(0, I) (as trained); "tilted": evaluation draws its start
@@ -123,9 +128,16 @@ DEFAULT_ETA = {"vp": 1.0, "flow": math.sqrt(2)}
 
 def method_config(method: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The defaults of ``method`` with ``overrides`` applied (``objective`` options are merged)."""
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not known; choose one of {', '.join(METHODS)}")
-    cfg = copy.deepcopy(DEFAULTS[method])
+    if method in DEFAULTS:
+        cfg = copy.deepcopy(DEFAULTS[method])
+    else:
+        import gfnalign.objectives  # noqa: F401  (registers the built-ins)
+        from gfnalign.objectives.base import REGISTRY
+
+        if method not in REGISTRY:
+            raise ValueError(f"method={method!r} is not known; choose one of {', '.join(sorted(REGISTRY))} "
+                             "(or register one with gfnalign.register_objective)")
+        cfg = copy.deepcopy(CUSTOM_DEFAULTS)
     cfg.setdefault("anneal_updates", 0)
     cfg.setdefault("grad_clip", 1.0)
     cfg.setdefault("prior_flow", "marginal")
@@ -171,6 +183,8 @@ def needs_prior_in_reward(method: str, cfg: dict[str, Any]) -> bool:
     """True when the method targets exp(β·r) against Lebesgue measure, so the toy adds log p_f/β to its
     reward; False for the prior-relative methods (their target is the pretrained sampler tilted by exp(β·r))
     and the reward maximisers."""
+    if cfg.get("prior_in_reward") is not None:  # set explicitly (e.g. for an objective registered by a user)
+        return bool(cfg["prior_in_reward"])
     return method in PRIOR_IN_REWARD and not cfg["objective"].get("relative", False)
 
 

@@ -187,10 +187,13 @@ def build_objective(cfg: TrainConfig, backbone: Any) -> Any:
     return _build(cfg.method.name, **options)
 
 
-def build_components(cfg: TrainConfig, device: torch.device | str) -> Components:
-    """Everything model-shaped. Seed the global RNG before calling so head / LoRA inits agree across ranks."""
+def build_components(cfg: TrainConfig, device: torch.device | str, *, reward: Any = None,
+                     prompts: Any = None) -> Components:
+    """Everything model-shaped. Seed the global RNG before calling so head / LoRA inits agree across ranks.
+
+    ``reward`` / ``prompts``: objects built by the caller (the Python API) used instead of the config's specs."""
     backbone = build_backbone(cfg, device)
-    reward = build_reward(cfg)
-    prompts = build_prompts(cfg)
+    reward = build_reward(cfg) if reward is None else reward
+    prompts = build_prompts(cfg) if prompts is None else prompts
     objective = build_objective(cfg, backbone)
     return Components(backbone=backbone, reward=reward, prompts=prompts, objective=objective)

@@ -15,7 +15,8 @@ Layout of a config file (every key optional except ``method.name``; see ``config
     training: {epochs, micro_batch, grad_accum, lr, lr_heads, weight_decay, ...}
     lookahead: {mode: cached | recompute, model: policy | reference, guided: true}
     memory: {budget_gb: null, checkpoint_decoder: false, checkpoint_reward: false}
-    logging: {sample_every, checkpoint_every, keep_checkpoints, tensorboard, progress, ...}
+    logging: {sample_every, checkpoint_every, keep_checkpoints, tensorboard, progress, ...,
+              wandb: {project, entity, mode}}
     reliability: {max_nan_streak, on_bad_reward: skip | stop, max_skipped_epoch_fraction, reward_timeout_s,
                   reward_wait_s}
 """
@@ -46,6 +47,7 @@ SAMPLING_STARTS = ("noise", "tilted")
 DTYPES = ("float32", "bfloat16", "float16")
 REDUCTIONS = ("sum", "mean")
 ON_BAD_REWARD = ("skip", "stop")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 class ConfigError(ValueError):
@@ -135,6 +137,13 @@ class MemoryConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str | None = None  # a W&B project enables tracking (needs the `wandb` extra); null: off
+    entity: str | None = None  # W&B user or team (default: the logged-in user's)
+    mode: str | None = None  # online | offline | disabled (null: wandb's default, e.g. $WANDB_MODE)
+
+
+@dataclass
 class LoggingConfig:
     log_every: int = 1  # updates between metrics.jsonl lines
     sample_every: int = 5  # epochs between sample grids (0: only before/after)
@@ -145,6 +154,7 @@ class LoggingConfig:
     progress: bool = True
     report: bool = True
     eval_samples: int = 32  # images before/after training for report.md
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # optional Weights & Biases mirror
 
 
 @dataclass
@@ -487,6 +497,7 @@ register_rule("training.mixed_precision", lambda v: v in MIXED_PRECISION, f"one 
 register_rule("lookahead.mode", lambda v: v in LOOKAHEAD_MODES, f"one of: {', '.join(LOOKAHEAD_MODES)}")
 register_rule("lookahead.model", lambda v: v in LOOKAHEAD_MODELS, f"one of: {', '.join(LOOKAHEAD_MODELS)}")
 register_rule("reliability.on_bad_reward", lambda v: v in ON_BAD_REWARD, f"one of: {', '.join(ON_BAD_REWARD)}")
+register_rule("logging.wandb.mode", lambda v: v in WANDB_MODES, f"one of: {', '.join(WANDB_MODES)} (or null)")
 register_rule("reliability.max_skipped_epoch_fraction", _fraction,
               "a number in [0, 1] (the share of epochs that may be skipped for bad rewards)")
 
@@ -546,6 +557,21 @@ def _known_rewards() -> tuple[str, ...] | None:
         return tuple(n if isinstance(n, str) else getattr(n, "name", str(n)) for n in names)
     except Exception:
         return None
+
+
+@register_check
+def _check_wandb(cfg: TrainConfig) -> None:
+    w = cfg.logging.wandb
+    for name in ("project", "entity"):
+        value = getattr(w, name)
+        if value is not None and not value.strip():
+            raise ConfigError(f"logging.wandb.{name}={value!r} is not allowed; give a non-empty string or null")
+    if w.project and w.mode != "disabled":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:  # checked without importing it
+            raise ConfigError(f"logging.wandb.project={w.project!r} needs the wandb package; "
+                              "pip install 'gfnalign[wandb]' (or set logging.wandb.project: null)")
 
 
 @register_check

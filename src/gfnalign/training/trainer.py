@@ -34,6 +34,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from gfnalign.training.engine import (
 from gfnalign.training.lookahead import Counters, CountingPolicy, RewardLookahead
 from gfnalign.training.memory import MemoryBudget
 from gfnalign.training.reward_guard import GuardedReward, RewardUnavailableError
+from gfnalign.training.tracking import NullTracker, open_tracker
 
 
 class NanLossError(RuntimeError):
@@ -161,7 +163,7 @@ class Trainer:
         cfg: TrainConfig,
         run_dir: str | Path,
         *,
-        components: Components | None = None,
+        components: Components | Callable[[TrainConfig, Any], Components] | None = None,
         resume: str | None = None,
         stop_after_updates: int | None = None,
         accelerator: Any = None,
@@ -177,6 +179,7 @@ class Trainer:
         self.epoch = 0
         self.counts = {"skipped_reward_epochs": 0, "skipped_updates": 0, "nan_streak": 0}
         self._resume_epoch_state: dict[str, Any] | None = None
+        self.tracker: NullTracker = NullTracker()
 
     # ---------------------------------------------------------------------------------------------
     # set-up
@@ -208,7 +211,9 @@ class Trainer:
         self._barrier()
 
         seed_everything(derive_seed(cfg.seed, "init"))  # identical model / head init on every rank
-        comps = self._components or build_components(cfg, self.device)
+        comps = self._components or build_components
+        if callable(comps):  # a factory (cfg, device) -> Components, called after seeding
+            comps = comps(cfg, self.device)
         self.backbone, self.prompt_set, self.objective = comps.backbone, comps.prompts, comps.objective
         rel = cfg.reliability  # a crashing / hanging reward is a bad reward; an unreachable one is waited for
         self.reward = GuardedReward(comps.reward, timeout_s=rel.reward_timeout_s, wait_s=rel.reward_wait_s)
@@ -263,6 +268,7 @@ class Trainer:
                 self.tb = None
         if resume_from is not None:
             self._load_checkpoint(resume_from)
+        self.tracker = open_tracker(cfg, self.run_dir, is_main=self.is_main)  # no-op unless logging.wandb is set
 
     # ---------------------------------------------------------------------------------------------
     # distributed helpers (no-ops on one process)
@@ -528,6 +534,7 @@ class Trainer:
             for k, v in row.items():
                 if isinstance(v, int | float) and k != "step" and math.isfinite(float(v)):
                     self.tb.add_scalar(k, v, row["step"])
+        self.tracker.log_metrics(row)
 
     def _epoch_reward_metrics(self, traj: TrajectoryBatch) -> dict[str, float]:
         r = self._gather(traj.reward.float().to(self.device)).cpu()
@@ -706,9 +713,9 @@ class Trainer:
             vals = rewards[[i for i, q in enumerate(prompts) if q == p]]
             by_prompt[p] = float(vals[torch.isfinite(vals)].mean()) if torch.isfinite(vals).any() else float("nan")
         per_prompt = len(prompts) // max(len(set(prompts)), 1)
-        grid = save_grid(images, [f"{p.replace('a handwritten digit ', '')} r={float(r):.2f}"
-                                  for p, r in zip(prompts, rewards)],
-                         self.run_dir / "samples" / f"{tag}.png", cols=per_prompt)
+        captions = [f"{p.replace('a handwritten digit ', '')} r={float(r):.2f}" for p, r in zip(prompts, rewards)]
+        grid = save_grid(images, captions, self.run_dir / "samples" / f"{tag}.png", cols=per_prompt)
+        self.tracker.log_grid(tag, grid, "; ".join(captions), self.step)
         finite = rewards[torch.isfinite(rewards)]
         extra = {}
         if self.cfg.reward == "digit-alignment":  # r = log p(prompted digit): report the classifier's accuracy too
@@ -728,8 +735,9 @@ class Trainer:
         images, rewards = self.generate(prompts, "grid")
         if not self.is_main:
             return
-        save_grid(images, [f"{p} r={float(r):.2f}" for p, r in zip(prompts, rewards)],
-                  self.run_dir / "samples" / f"{name}.png")
+        captions = [f"{p} r={float(r):.2f}" for p, r in zip(prompts, rewards)]
+        grid = save_grid(images, captions, self.run_dir / "samples" / f"{name}.png")
+        self.tracker.log_grid(name, grid, "; ".join(captions), self.step)
 
     def export_final(self) -> Path:
         """``final/``: the LoRA (or full network) in diffusers' format and the heads. Every rank calls it: a
@@ -837,6 +845,7 @@ class Trainer:
                     before = ckpt.read_json_or_none(bpath)
                     write_report(self.run_dir, config=cfg, before=before, after=after,
                                  wall_s=time.perf_counter() - t_start, counters=self._public_counts())
+                    self.tracker.log_report(self.run_dir, before, after)
                 print(f"[gfnalign] done: {self.step} updates; LoRA in {final}", file=sys.stderr)
             self._barrier()
             return 0
@@ -844,6 +853,7 @@ class Trainer:
             self._restore_signals(previous)
             if self.tb is not None:
                 self.tb.close()
+            self.tracker.finish()
 
     @property
     def _samples_here(self) -> bool:

@@ -1,4 +1,5 @@
-"""Loading fine-tuned weights for ``gfnalign eval`` / ``gfnalign sample`` with named errors.
+"""Loading fine-tuned weights for sampling and evaluation (``gfnalign.sample`` / ``gfnalign.evaluate`` and the
+``gfnalign sample`` / ``gfnalign eval`` commands on top of them) with named errors.
 
 A corrupt or truncated file, weights of another model (rank, targets, architecture) or non-finite weights
 each end in one line naming the file and the fix; nothing is unpickled as code (``.pt`` files are read with
@@ -76,7 +77,3 @@ def load_into(backbone: Any, folder: Path) -> None:
     if any(not math.isfinite(float(p.detach().float().sum())) for p in params):
         raise WeightsError(f"{folder}: the loaded weights are not finite; evaluate an earlier checkpoint")
 
-
-def positive_int(value: Any, flag: str, command: str, minimum: int = 1) -> None:
-    if value is not None and (not isinstance(value, int) or value < minimum):
-        raise WeightsError(f"{flag}={value!r} is not allowed; use an integer >= {minimum}")

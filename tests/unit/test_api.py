@@ -1,0 +1,111 @@
+"""The Python API's light parts: configs from presets / dicts / files, registration, lazy top-level names."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+
+def test_import_gfnalign_is_light_and_names_resolve_lazily():
+    code = (
+        "import sys\n"
+        "for banned in ('diffusers', 'peft', 'accelerate', 'transformers', 'wandb'):\n"
+        "    sys.modules[banned] = None\n"
+        "import gfnalign\n"
+        "assert 'torch' not in sys.modules, 'import gfnalign pulled torch'\n"
+        "assert callable(gfnalign.load_config) and 'gfnalign.api' in sys.modules\n"
+        "cfg = gfnalign.load_config('demo')\n"
+        "assert not [m for m in sys.modules if m.startswith('gfnalign.backbones')]\n"
+        "print(cfg.method.name)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "residual-nabla-db"
+
+
+def test_every_public_name_is_importable():
+    import gfnalign
+
+    for name in gfnalign.__all__:
+        assert getattr(gfnalign, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        gfnalign.nope  # noqa: B018
+
+
+def test_load_config_from_preset_dict_file_and_overrides(tmp_path):
+    import gfnalign
+    from gfnalign.training.presets import digits_preset
+
+    preset = gfnalign.load_config("digits-dag-db")
+    assert preset.to_dict() == gfnalign.load_config(digits_preset("dag-db")).to_dict()
+    assert gfnalign.load_config("digits-dag-db.yaml").to_dict() == preset.to_dict()
+
+    cfg = gfnalign.load_config("digits-dag-db", {"training.epochs": 3, "method.options.fraction": 0.5})
+    assert (cfg.training.epochs, cfg.method.options["fraction"]) == (3, 0.5)
+    assert gfnalign.load_config(cfg, ["beta.value=2"]).beta.value == 2.0
+    assert cfg.beta.value == preset.beta.value  # the source is copied, never changed
+
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"method": {"name": "ddpo"}, "training": {"epochs": 2}}))
+    assert gfnalign.load_config(f).method.name == "ddpo"
+    assert gfnalign.load_config({"seed": 5}).seed == 5
+    assert gfnalign.load_config().to_dict() == gfnalign.TrainConfig().to_dict()
+
+
+def test_load_config_errors_name_the_problem():
+    import gfnalign
+
+    with pytest.raises(gfnalign.ConfigError, match="neither a YAML file nor a preset name"):
+        gfnalign.load_config("no-such-preset")
+    with pytest.raises(gfnalign.ConfigError, match="training.epochs"):
+        gfnalign.load_config("demo", {"training.epochs": 0})
+    with pytest.raises(gfnalign.ConfigError, match="logging.wandb.mode"):
+        gfnalign.load_config("demo", {"logging.wandb.mode": "sometimes"})
+
+
+def test_register_objective_makes_the_name_valid_in_configs():
+    import gfnalign
+    from gfnalign.objectives.base import REGISTRY
+    from gfnalign.objectives.ddpo import DDPO
+
+    with pytest.raises(gfnalign.ConfigError, match="method.name"):
+        gfnalign.load_config({"method": {"name": "my-ddpo-copy"}})
+
+    @gfnalign.register_objective("my-ddpo-copy")
+    class MyDDPO(DDPO):
+        pass
+
+    try:
+        cfg = gfnalign.load_config({"method": {"name": "my-ddpo-copy", "options": {"clip_range": 0.1}}})
+        assert cfg.method.name == "my-ddpo-copy"
+        with pytest.raises(gfnalign.ConfigError, match="not an option"):
+            gfnalign.load_config({"method": {"name": "my-ddpo-copy", "options": {"bogus": 1}}})
+        with pytest.raises(ValueError, match="built-in"):
+            gfnalign.register_objective("ddpo", MyDDPO)
+    finally:
+        REGISTRY.pop("my-ddpo-copy", None)
+
+
+def test_register_reward_class_builds_by_name():
+    import torch
+
+    import gfnalign
+    from gfnalign.rewards import build_reward
+
+    @gfnalign.register_reward("test-brightness", differentiable=True, overwrite=True)
+    class Brightness(gfnalign.Reward):
+        name = "test-brightness"
+        differentiable = True
+
+        def __init__(self, scale: float = 1.0):
+            super().__init__()
+            self.scale = scale
+
+        def score(self, images, prompts):
+            return self.scale * images.mean(dim=(1, 2, 3))
+
+    reward = build_reward({"name": "test-brightness", "scale": 2.0})
+    out = reward(torch.full((3, 3, 4, 4), 0.25), ["a", "b", "c"])
+    assert torch.allclose(out, torch.full((3,), 0.5))
+    assert gfnalign.load_config({"reward": "test-brightness"}).reward == "test-brightness"
