@@ -92,10 +92,11 @@ def test_register_reward_class_builds_by_name():
 
     import gfnalign
     from gfnalign.rewards import build_reward
+    from gfnalign.rewards.registry import _REGISTRY
 
-    @gfnalign.register_reward("test-brightness", differentiable=True, overwrite=True)
+    @gfnalign.register_reward("test-api-brightness", differentiable=True)
     class Brightness(gfnalign.Reward):
-        name = "test-brightness"
+        name = "test-api-brightness"
         differentiable = True
 
         def __init__(self, scale: float = 1.0):
@@ -105,7 +106,34 @@ def test_register_reward_class_builds_by_name():
         def score(self, images, prompts):
             return self.scale * images.mean(dim=(1, 2, 3))
 
-    reward = build_reward({"name": "test-brightness", "scale": 2.0})
-    out = reward(torch.full((3, 3, 4, 4), 0.25), ["a", "b", "c"])
-    assert torch.allclose(out, torch.full((3,), 0.5))
-    assert gfnalign.load_config({"reward": "test-brightness"}).reward == "test-brightness"
+    try:
+        assert isinstance(Brightness(), gfnalign.Reward)  # the decorator returns the class itself
+        reward = build_reward({"name": "test-api-brightness", "scale": 2.0})
+        out = reward(torch.full((3, 3, 4, 4), 0.25), ["a", "b", "c"])
+        assert torch.allclose(out, torch.full((3,), 0.5))
+        assert gfnalign.load_config({"reward": "test-api-brightness"}).reward == "test-api-brightness"
+    finally:
+        _REGISTRY.pop("test-api-brightness", None)
+
+
+def test_wandb_is_never_imported_unless_enabled(tmp_path):
+    code = (
+        "import sys\n"
+        "sys.modules['wandb'] = None  # any import of it now raises ImportError\n"
+        "import gfnalign\n"
+        "from gfnalign.training.tracking import NullTracker, open_tracker\n"
+        "import gfnalign.training.trainer\n"
+        "cfg = gfnalign.load_config('demo')\n"
+        f"t = open_tracker(cfg, {str(tmp_path)!r})\n"
+        "assert type(t) is NullTracker, t\n"
+        "off = gfnalign.load_config('demo', {'logging.wandb.project': 'p', 'logging.wandb.mode': 'disabled'})\n"
+        f"assert type(open_tracker(off, {str(tmp_path)!r})) is NullTracker\n"
+        "try:\n"
+        "    gfnalign.load_config('demo', {'logging.wandb.project': 'p'})\n"
+        "except gfnalign.ConfigError as err:\n"
+        "    assert 'wandb' in str(err) and 'pip install' in str(err), err\n"
+        "else:\n"
+        "    raise AssertionError('a wandb project without the package must be a config error')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

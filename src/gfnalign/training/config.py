@@ -60,11 +60,11 @@ class BackboneConfig:
     kind: str = "digits"
     path: str | None = None  # sd: folder or hub id; python: "module:function" returning a backbone
     dtype: str = "float32"  # dtype of the frozen weights
-    lora_rank: int = 4
-    lora_alpha: float = 4.0
-    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    full_finetune: bool = False
-    gradient_checkpointing: bool = False
+    lora_rank: int = 4  # LoRA rank of the trained adapters
+    lora_alpha: float = 4.0  # LoRA scale numerator (scale = alpha / rank)
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])  # module names given LoRA
+    full_finetune: bool = False  # train every denoiser weight instead of LoRA adapters
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, slower)
     heads: str = "generic"  # generic: the objective builds its heads from state_shape; backbone: backbone.make_*_head()
     image_size: int | None = None  # pixels per side; None: the model's native size (UNet sample_size x VAE factor)
     # sd3 / flux: T5 tokens per prompt; None: the family's default (SD3 256, FLUX 512)
@@ -73,49 +73,49 @@ class BackboneConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "residual-nabla-db"
-    options: dict[str, Any] = field(default_factory=dict)
+    name: str = "residual-nabla-db"  # a registered objective (`gfnalign list methods`)
+    options: dict[str, Any] = field(default_factory=dict)  # keyword options of the objective (see the list below)
 
 
 @dataclass
 class BetaConfig:
     value: float = 1.0  # inverse temperature: log R = beta * r
     schedule: str = "constant"  # constant | linear (DAG: beta_e = beta * min(1, e / (fraction * E)))
-    warmup_fraction: float = 0.5
+    warmup_fraction: float = 0.5  # linear schedule: share of the epochs over which beta ramps up
 
 
 @dataclass
 class SamplingConfig:
-    num_steps: int = 20
-    guidance_scale: float = 1.0
+    num_steps: int = 20  # denoising steps per trajectory
+    guidance_scale: float = 1.0  # classifier-free guidance scale inside eps (1: no guidance)
     eta: float = 1.0  # noise level of the kernel (DDIM eta; Flow-GRPO's / CPS's a)
     # ddim | flow_sde | cps; None: the family's own (ddim for VP models, flow_sde for SD3/FLUX)
     kernel: str | None = None
-    log_prob_reduction: str = "sum"
+    log_prob_reduction: str = "sum"  # how the rollout records log P_F: sum | mean over the latent
     batch_size: int = 8  # trajectories per sampling batch, per process
-    batches_per_epoch: int = 2
+    batches_per_epoch: int = 2  # sampling batches per epoch and process
     # each drawn prompt is sampled this many times in a row within the epoch's trajectories of a process (the
     # group of grpo's per-prompt advantages; Flow-GRPO: 24); must divide batch_size * batches_per_epoch
     images_per_prompt: int = 1
     # "noise": x_start ~ N(0, I); "tilted": x_start ∝ N(0, I)·G(x_start) by resampling start_candidates proposals
     # with the objective's learned start value (removes the value-function bias; gfnalign.sampling.start)
-    start: str = "noise"
-    start_candidates: int = 8
+    start: str = "noise"  # noise | tilted (see the comment above; tilted needs a learned start value)
+    start_candidates: int = 8  # proposals per sample for the tilted start
 
 
 @dataclass
 class TrainingConfig:
-    epochs: int = 10
+    epochs: int = 10  # one epoch: sample, then train on the selected transitions
     micro_batch: int = 16  # transitions per forward/backward (rounded down to whole trajectories, at least one, for rtb)
     grad_accum: int = 1  # micro-batches per optimiser update
     lr: float = 1e-3  # policy (LoRA) learning rate
-    lr_heads: float = 1e-3
-    weight_decay: float = 1e-4
-    weight_decay_heads: float = 1e-4
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    adam_eps: float = 1e-8
+    lr_heads: float = 1e-3  # learning rate of the objective's heads (flow networks)
+    weight_decay: float = 1e-4  # AdamW weight decay of the policy
+    weight_decay_heads: float = 1e-4  # AdamW weight decay of the heads
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas, two numbers in [0, 1)
+    adam_eps: float = 1e-8  # AdamW epsilon
     clip_norm: float = 1.0  # per parameter group; <= 0 disables clipping
-    mixed_precision: str = "no"
+    mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate's autocast)
     max_updates_per_epoch: int | None = None  # cap on optimiser updates per epoch (None: all transitions)
 
 
@@ -149,10 +149,10 @@ class LoggingConfig:
     sample_every: int = 5  # epochs between sample grids (0: only before/after)
     grid_prompts: int = 8  # images in each sample grid
     checkpoint_every: int = 5  # epochs between checkpoints (the last epoch is always saved)
-    keep_checkpoints: int = 2
-    tensorboard: bool = True
-    progress: bool = True
-    report: bool = True
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    tensorboard: bool = True  # TensorBoard events in RUN/tb
+    progress: bool = True  # progress bars (main process only)
+    report: bool = True  # before/after evaluation and report.md
     eval_samples: int = 32  # images before/after training for report.md
     wandb: WandbConfig = field(default_factory=WandbConfig)  # optional Weights & Biases mirror
 
@@ -169,11 +169,11 @@ class ReliabilityConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    run_name: str = "run"
+    seed: int = 0  # seeds model/head init, sampling noise and transition selection (per rank, per epoch)
+    run_name: str = "run"  # default run directory runs/<run_name>; shown in reports and W&B
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    reward: Any = "digit-alignment"
-    prompts: Any = "digits"
+    reward: Any = "digit-alignment"  # a registered name, {name: ..., options}, 'module:function' or composite (docs/rewards.md)
+    prompts: Any = "digits"  # digits | digits-all | animals | a txt/json/csv file | a list | {path: FILE, split options}
     method: MethodConfig = field(default_factory=MethodConfig)
     beta: BetaConfig = field(default_factory=BetaConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
