@@ -1,5 +1,6 @@
 """docs/configuration.md is generated from the config dataclasses; it must match the code."""
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -22,8 +23,6 @@ def test_configuration_page_is_up_to_date():
 
 
 def test_every_config_key_is_documented():
-    import dataclasses
-
     from gfnalign.training.config import TrainConfig
 
     text = (REPO / "docs" / "configuration.md").read_text()
@@ -40,9 +39,17 @@ def test_every_config_key_is_documented():
     assert "| `logging.wandb.mode` |" in text  # a nested-nested key
 
 
+@dataclasses.dataclass
+class _Example:
+    with_comment: int = 1  # explained here
+    without_comment: int = 2
+    listed: list = dataclasses.field(default_factory=lambda: [1, 2])  # a factory, then a comment
+
+
 def test_field_comments_are_read_from_the_source():
     from gfnalign.training.config import LoggingConfig
 
-    comments = _generator().field_comments(LoggingConfig)
-    assert comments["log_every"] == "updates between metrics.jsonl lines"
-    assert "tensorboard" not in comments  # a field without a comment has none, not its neighbour's
+    gen = _generator()
+    assert gen.field_comments(LoggingConfig)["log_every"] == "updates between metrics.jsonl lines"
+    # a field without a comment gets none (not its neighbour's)
+    assert gen.field_comments(_Example) == {"with_comment": "explained here", "listed": "a factory, then a comment"}
