@@ -28,20 +28,36 @@ TRAINER_FILLED = {"state_shape", "cond_dim", "num_train_timesteps", "eta", "log_
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """``name -> trailing comment`` of the dataclass fields as written in the class body."""
+    """``name -> comment`` of the dataclass fields as written in the class body: the comment at the end of
+    the field's line, else the comment lines directly above it."""
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
         return {}
     out: dict[str, str] = {}
     current: str | None = None
+    above: list[str] = []  # the comment-only lines directly above the current line
+    line_has_code = line_has_comment = False
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.NAME and tok.start[1] == 4 and current is None:
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and current is None and not line_has_code:
             current = tok.string
-        elif tok.type == tokenize.COMMENT and current is not None:
-            out.setdefault(current, tok.string.lstrip("#").strip())
+        if tok.type == tokenize.COMMENT:
+            line_has_comment = True
+            text = tok.string.lstrip("#").strip()
+            if current is not None:
+                out.setdefault(current, text)
+            elif not line_has_code:
+                above.append(text)
         elif tok.type in (tokenize.NEWLINE, tokenize.NL):
-            current = None
+            if current is not None:
+                if current not in out and above:
+                    out[current] = " ".join(above)
+                above = []
+            elif not line_has_comment:  # a blank line or other code ends a comment block
+                above = []
+            current, line_has_code, line_has_comment = None, False, False
+        elif tok.type not in (tokenize.INDENT, tokenize.DEDENT):
+            line_has_code = True
     return out
 
 

@@ -250,13 +250,39 @@ class TrainResult:
     interrupted: bool = False
 
 
-def _import_path(obj: Any) -> str | None:
-    """``module:qualname`` of a function or class (of an instance's class), when it has a stable one."""
-    target = obj if callable(obj) and hasattr(obj, "__qualname__") else type(obj)
-    module, qualname = getattr(target, "__module__", None), getattr(target, "__qualname__", "")
-    if not module or "<" in qualname:
-        return None
-    return f"{module}:{qualname}"
+def reward_spec_of(reward: Any) -> str:
+    """The name a reward object (a :class:`~gfnalign.rewards.Reward` or a function) is recorded under in a
+    run's ``config.yaml``: its import path ``module:qualname`` (of its class, for an instance).
+
+    A function or class that imports back to itself is recorded as is. Anything else (an instance, whose
+    options a path cannot carry, or a class defined in a notebook cell, an ``exec``'d snippet or a function
+    body) is also registered under that path in this process's reward registry, so a config naming it
+    validates and builds the very same object here. In another process the path builds the class with its
+    default arguments when it is importable; otherwise give the reward again (``evaluate(run, reward=...)``).
+    """
+    from gfnalign.rewards import build_reward
+    from gfnalign.rewards.registry import _import_target, register_reward
+
+    target = reward if isinstance(reward, type) or not isinstance(reward, _reward_base()) and hasattr(
+        reward, "__qualname__") else type(reward)
+    spec = f"{getattr(target, '__module__', None) or 'python'}:{getattr(target, '__qualname__', type(reward).__name__)}"
+    if target is reward:
+        try:
+            if _import_target(spec, "reward") is reward:
+                return spec
+        except ValueError:
+            pass
+    built = build_reward(reward)
+    register_reward(spec, lambda: built, differentiable=bool(getattr(built, "differentiable", False)),
+                    inputs=getattr(built, "inputs", "image"), description="a reward object given in Python",
+                    overwrite=True)
+    return spec
+
+
+def _reward_base() -> type:
+    from gfnalign.rewards.base import Reward
+
+    return Reward
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -313,11 +339,13 @@ def train(
     if reward is not None:
         if isinstance(reward, str | Mapping):
             cfg.reward = reward if isinstance(reward, str) else dict(reward)
+        elif isinstance(reward, type):  # a Reward class: built from its path, like a name in a config
+            cfg.reward = reward_spec_of(reward)
         else:
             from gfnalign.rewards import build_reward
 
             reward_obj = build_reward(reward)
-            cfg.reward = _import_path(reward) or f"python:{getattr(reward_obj, 'name', 'reward')}"
+            cfg.reward = reward_spec_of(reward)
     if prompts is not None:
         if isinstance(prompts, str | Path | Mapping):
             cfg.prompts = str(prompts) if isinstance(prompts, Path) else prompts
@@ -438,13 +466,13 @@ def sample(
         cfg_file, adapter = Path(run) / "config.yaml", Path(run) / "final"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{cfg_file} not found; --run must be a gfnalign run directory")
-        cfg = TrainConfig.load(cfg_file)
+        cfg = _config_for_sampling(cfg_file)
     else:
         adapter = Path(lora)
         if not _adapter_file(adapter).is_file() and not pretrained:
             raise FileNotFoundError(f"{_adapter_file(adapter)} not found")
         cfg_file = adapter / "training_config.yaml"
-        cfg = TrainConfig.load(cfg_file) if cfg_file.is_file() else TrainConfig()
+        cfg = _config_for_sampling(cfg_file) if cfg_file.is_file() else TrainConfig()
         if base:
             cfg.backbone.kind, cfg.backbone.path = "sd", base
     if steps is not None:
@@ -477,6 +505,14 @@ def sample(
     if out is not None:
         result.files = save_images(result.images, todo, out, cols=n)
     return result
+
+
+def _config_for_sampling(path: Path) -> TrainConfig:
+    """A run's config, read for sampling: sampling never scores, so the run's reward is set aside (a reward
+    object that exists only in the training process would otherwise fail the config's checks here)."""
+    from gfnalign.training.config import TrainConfig
+
+    return TrainConfig.load(path, [f"reward={json.dumps(TrainConfig().reward)}"])
 
 
 def save_images(images: torch.Tensor, prompts: Sequence[str], out: str | Path, *, cols: int = 4) -> list[Path]:
@@ -601,13 +637,17 @@ def evaluate(
     if lora is not None and str(lora) != "none" and not Path(lora).is_dir():
         raise ArgumentError("lora", str(lora), "the folder does not exist; pass RUN/final, RUN/checkpoints/step_N "
                                                "or none")
+    items = _override_list(overrides)
+    if reward is not None:  # replaces the run's reward before its config is checked (it may not import here)
+        spec = reward if isinstance(reward, str | Mapping) else reward_spec_of(reward)
+        items.append(f"reward={json.dumps(spec if isinstance(spec, str) else dict(spec))}")
     if config is None:
         cfg_path = Path(run) / "config.yaml"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{cfg_path} not found; --run must be a directory written by `gfnalign train`")
-        cfg = TrainConfig.load(cfg_path, _override_list(overrides))
+        cfg = TrainConfig.load(cfg_path, items)
     else:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, items)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     adapter = lora if lora is not None else (Path(run) / "final" if run is not None else None)
@@ -616,7 +656,7 @@ def evaluate(
     if adapter is not None and str(adapter) != "none":
         load_weights(backbone, Path(adapter))
 
-    main_reward = build_any_reward(reward) if reward is not None else build_reward(cfg)
+    main_reward = build_any_reward(reward) if reward is not None and not isinstance(reward, type) else build_reward(cfg)
     rewards = [main_reward] + [build_any_reward(spec) for spec in extra_rewards]
     texts = prompt_texts(load_prompts(prompts if prompts is not None else cfg.prompts))
     texts = list(dict.fromkeys(texts))

@@ -115,9 +115,18 @@ def test_train_sample_evaluate_with_python_objects_and_wandb_offline(tmp_path, m
     assert "Evaluation" in gfnalign.markdown_report(report)
 
 
-def test_existing_run_needs_resume(tmp_path):
+def test_train_checks_the_run_before_any_model_loads(tmp_path):
+    cfg = tiny_config(tiny_pipeline(tmp_path))
     run = tmp_path / "run"
     (run / "checkpoints" / "step_1").mkdir(parents=True)
-    (run / "checkpoints" / "step_1" / "COMPLETE").write_text("")  # a finished checkpoint's marker
     with pytest.raises(gfnalign.RunExistsError, match="resume"):
-        gfnalign.train(tiny_config(tmp_path), out=run)
+        (run / "checkpoints" / "step_1" / "COMPLETE").write_text("")  # a finished checkpoint's marker
+        gfnalign.train(cfg, out=run)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(gfnalign.ConfigError, match="is a file"):
+        gfnalign.train(cfg, out=tmp_path / "a-file")
+    with pytest.raises(gfnalign.ConfigError, match="prompts="):
+        gfnalign.train(cfg, prompts=str(tmp_path / "missing.txt"), out=tmp_path / "other")
+    with pytest.raises(gfnalign.ArgumentError, match="stop_after_updates=0"):
+        gfnalign.train(cfg, out=tmp_path / "other", stop_after_updates=0)
+    assert not (tmp_path / "other").exists()

@@ -121,3 +121,25 @@ def test_bad_counts_are_named(run, tmp_path, capsys, argv, expect):
         argv = argv + ["--run", str(run), "--no-report"]
     assert main(argv) == 2
     assert expect in _err(capsys)
+
+
+def test_the_python_api_raises_the_same_named_errors(run, tmp_path):
+    """gfnalign.sample / gfnalign.evaluate run the checks the commands report (the CLI is a layer over them)."""
+    import gfnalign
+
+    lora = _copy_final(run, tmp_path)
+    _nan(lora)
+    with pytest.raises(gfnalign.WeightsError, match="NaN/inf"):
+        gfnalign.sample(lora=lora, prompts=["a handwritten digit 3"], n=1)
+    _truncate(lora)
+    with pytest.raises(gfnalign.WeightsError, match="not a readable safetensors"):
+        gfnalign.evaluate(run, lora=lora, samples=2)
+    with pytest.raises(gfnalign.WeightsError, match="do not fit"):
+        gfnalign.evaluate(run, samples=2, overrides={"backbone.lora_rank": 3})
+    for call, match in [(lambda: gfnalign.sample(run, n=0), "n=0"),
+                        (lambda: gfnalign.sample(run, guidance=float("nan")), "guidance=nan"),
+                        (lambda: gfnalign.sample(run, prompts=[" "]), "prompts=' '"),
+                        (lambda: gfnalign.evaluate(run, samples=1), "samples=1 .*>= 2"),
+                        (lambda: gfnalign.evaluate(run, lora=tmp_path / "nope"), "does not exist")]:
+        with pytest.raises(gfnalign.ArgumentError, match=match):
+            call()

@@ -137,3 +137,38 @@ def test_wandb_is_never_imported_unless_enabled(tmp_path):
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def _mean_score(images, prompts):
+    return images.mean(dim=(1, 2, 3))
+
+
+def test_reward_objects_are_recorded_by_import_path_and_rebuild_in_process():
+    """train(reward=obj) records obj in config.yaml: an importable function by its path; an instance, or a
+    class defined where nothing can import it (a notebook cell, an exec'd snippet), is also registered under
+    that path in this process, so the recorded config validates and builds the same object here."""
+    import torch
+
+    import gfnalign
+    from gfnalign.api import reward_spec_of
+    from gfnalign.rewards import build_reward
+    from gfnalign.rewards.registry import _REGISTRY
+
+    assert reward_spec_of(_mean_score) == f"{__name__}:_mean_score"
+    assert f"{__name__}:_mean_score" not in _REGISTRY  # importable: nothing registered
+
+    cell: dict = {"__name__": "notebook_cell", "gfnalign": gfnalign}
+    exec("class Ink(gfnalign.Reward):\n    name = 'ink-cell'\n    differentiable = True\n"  # noqa: S102
+         "    def score(self, images, prompts):\n        return images.mean(dim=(1, 2, 3))\n", cell)
+    ink = cell["Ink"]()
+    spec = reward_spec_of(ink)
+    try:
+        assert spec == "notebook_cell:Ink"
+        assert gfnalign.load_config({"reward": spec}).reward == spec  # validates although nothing imports it
+        assert build_reward(spec) is ink
+        out = build_reward(spec)(torch.full((2, 3, 4, 4), 0.5), ["a", "b"])
+        assert torch.allclose(out, torch.full((2,), 0.5))
+    finally:
+        _REGISTRY.pop(spec, None)
+    with pytest.raises(gfnalign.ConfigError, match="notebook_cell"):
+        gfnalign.load_config({"reward": spec})  # unregistered again: named, not silently accepted

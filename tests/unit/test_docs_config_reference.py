@@ -44,6 +44,14 @@ class _Example:
     with_comment: int = 1  # explained here
     without_comment: int = 2
     listed: list = dataclasses.field(default_factory=lambda: [1, 2])  # a factory, then a comment
+    # a long explanation
+    # on two lines
+    commented_above: int = 3
+    # a block comment, then a blank line: not about the next field
+
+    after_blank: int = 4
+    # a comment above a field that has its own
+    both: int = 5  # its own wins
 
 
 def test_field_comments_are_read_from_the_source():
@@ -52,4 +60,9 @@ def test_field_comments_are_read_from_the_source():
     gen = _generator()
     assert gen.field_comments(LoggingConfig)["log_every"] == "updates between metrics.jsonl lines"
     # a field without a comment gets none (not its neighbour's)
-    assert gen.field_comments(_Example) == {"with_comment": "explained here", "listed": "a factory, then a comment"}
+    assert gen.field_comments(_Example) == {"with_comment": "explained here", "listed": "a factory, then a comment",
+                                            "commented_above": "a long explanation on two lines",
+                                            "both": "its own wins"}
+    from gfnalign.training.config import MemoryConfig
+
+    assert gen.field_comments(MemoryConfig)["budget_gb"].startswith("activation memory one batched pass may use")
