@@ -157,18 +157,18 @@ def test_reward_objects_are_recorded_by_import_path_and_rebuild_in_process():
     assert reward_spec_of(_mean_score) == f"{__name__}:_mean_score"
     assert f"{__name__}:_mean_score" not in _REGISTRY  # importable: nothing registered
 
-    cell: dict = {"__name__": "notebook_cell", "gfnalign": gfnalign}
+    cell: dict = {"__name__": "my_lab.notebook_cell", "gfnalign": gfnalign}
     exec("class Ink(gfnalign.Reward):\n    name = 'ink-cell'\n    differentiable = True\n"  # noqa: S102
          "    def score(self, images, prompts):\n        return images.mean(dim=(1, 2, 3))\n", cell)
     ink = cell["Ink"]()
     spec = reward_spec_of(ink)
     try:
-        assert spec == "notebook_cell:Ink"
+        assert spec == "my_lab.notebook_cell:Ink"
         assert gfnalign.load_config({"reward": spec}).reward == spec  # validates although nothing imports it
         assert build_reward(spec) is ink
         out = build_reward(spec)(torch.full((2, 3, 4, 4), 0.5), ["a", "b"])
         assert torch.allclose(out, torch.full((2,), 0.5))
     finally:
         _REGISTRY.pop(spec, None)
-    with pytest.raises(gfnalign.ConfigError, match="notebook_cell"):
+    with pytest.raises(gfnalign.ConfigError, match="my_lab.notebook_cell"):
         gfnalign.load_config({"reward": spec})  # unregistered again: named, not silently accepted

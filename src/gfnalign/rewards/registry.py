@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,7 +60,8 @@ def register_reward(
     if inputs not in ("image", "image+prompt"):
         raise ValueError(f"inputs must be 'image' or 'image+prompt', got {inputs!r}")
     if callable(target) and not isinstance(target, str):
-        key = f"_direct_{name}"
+        # an attribute name for the target (a reward name may hold dots and colons: "pkg.mod:Class")
+        key = "_direct_" + "".join(c if c.isalnum() else "_" for c in name) + f"_{zlib.crc32(name.encode()):08x}"
         _DIRECT[key] = target
         target = f"{__name__}:{key}"
     _REGISTRY[name] = RewardInfo(
