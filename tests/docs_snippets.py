@@ -28,8 +28,8 @@ LANGUAGES = {"python", "bash", "yaml", "json", "text"}
 CODE_IN_TEXT = r"(?m)^\s*(\$ |gfnalign |python |import |from \w+ import|pip |make |def |class )"
 #: tag -> (why the block cannot run in CI, a pattern its code must match for the tag to be justified)
 SKIP_TAGS: dict[str, tuple[str, str]] = {
-    "needs-gpu": ("needs a GPU or model weights that are not shipped (Stable Diffusion, CLIP, aesthetic)",
-                  r"sd15|stable-diffusion|cuda|/models/|accelerate launch|torchrun"),
+    "needs-gpu": ("needs a GPU or model weights that are not shipped (Stable Diffusion, SD3, FLUX, CLIP, aesthetic)",
+                  r"sd15|sdxl|sd3|flux|stable-diffusion|cuda|/models/|accelerate launch|torchrun|benchmarks/gpu_"),
     "needs-install": ("creates an environment or installs packages", r"\bmake (demo|test|setup)\b|\bpip install\b|git clone"),
     "long": ("reproduces a published number at full budget (minutes to hours)",
              r"benchmarks/|scripts/pretrain|train_toy\(|toy_exactness"),
