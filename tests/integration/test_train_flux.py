@@ -40,8 +40,9 @@ def _cfg(folder: Path, method: str, options=None, **sections):
     return TrainConfig.from_dict(base)
 
 
-@pytest.mark.parametrize("method,options", [("grpo", {"kl_beta": 0.04}), ("dag-db", {"relative": True}),
-                                            ("residual-nabla-db", {})])
+@pytest.mark.parametrize("method,options", [("grpo", {"kl_beta": 0.04}), ("dag-db", {"relative": True}), ("dag-kl", {}),
+                                            ("nabla-db", {}), ("residual-nabla-db", {}), ("rtb", {}), ("ddpo", {}),
+                                            ("reward-backprop", {})])
 def test_flux_trains_through_the_trainer_and_its_lora_changes_the_pipeline(method, options, flux_folder, tmp_path):
     from diffusers import FluxPipeline
 

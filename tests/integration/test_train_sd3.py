@@ -38,7 +38,8 @@ def _cfg(folder: Path, method: str, **sections):
     return TrainConfig.from_dict(base)
 
 
-@pytest.mark.parametrize("method", ["grpo", "dag-db"])
+@pytest.mark.parametrize("method", ["grpo", "dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "rtb", "ddpo",
+                                    "reward-backprop"])
 def test_sd3_trains_through_the_trainer_and_its_lora_loads_in_diffusers(method, sd3_folder, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
