@@ -136,7 +136,8 @@ def test_flow_presets_mirror_flow_grpo():
     sd3, flux = presets["sd35m-pickscore-grpo"], presets["flux1-pickscore-grpo"]
     for cfg, kind, steps, guidance, a, kl in ((sd3, "sd3", 10, 4.5, 0.7, 0.01), (flux, "flux", 6, 3.5, 0.9, 0.0)):
         b, s, t, o = cfg["backbone"], cfg["sampling"], cfg["training"], cfg["method"]["options"]
-        assert (b["kind"], b["image_size"], b["lora_rank"], b["lora_alpha"]) == (kind, 512, 32, 64.0)
+        assert (b["kind"], b["image_size"], b["lora_rank"], b["lora_alpha"], b["max_sequence_length"]) == \
+            (kind, 512, 32, 64.0, 128)
         assert (s["num_steps"], s["guidance_scale"], s["eta"], s["kernel"], s["images_per_prompt"]) == \
             (steps, guidance, a, "flow_sde", 24)
         assert s["batch_size"] * s["batches_per_epoch"] % 24 == 0

@@ -200,8 +200,8 @@ def sdxl_preset(reward: str, method: str) -> dict[str, Any]:
 # -- flow-matching models: SD3.5 Medium and FLUX.1-dev (Flow-GRPO's published recipes) ----------------------
 #: Flow-GRPO (yifan123/flow_grpo, ``config/base.py`` + ``config/grpo.py``, the 32-GPU recipes ``pickscore_sd3``,
 #: ``clipscore_sd3``, ``pickscore_flux``): steps, guidance, noise level a of the SDE, resolution, group size
-#: (images per prompt), and the LoRA of ``scripts/train_sd3.py`` (r 32, alpha 64 on the joint attention's eight
-#: projections; the FLUX script uses the same). lr 3e-4, AdamW weight decay 1e-4, gradient clip 1.0, PPO clip
+#: (images per prompt), T5 prompts of 128 tokens, and the LoRA of ``scripts/train_sd3.py`` (r 32, alpha 64 on the
+#: joint attention's eight projections; the FLUX script uses the same). lr 3e-4, AdamW weight decay 1e-4, gradient clip 1.0, PPO clip
 #: 1e-4, advantage clip 5, per-prompt groups with the std of all rewards (``global_std``), bf16.
 FLOW_MODELS: dict[str, dict[str, Any]] = {
     "sd35m": {"kind": "sd3", "path": "stabilityai/stable-diffusion-3.5-medium", "num_steps": 10,
@@ -253,7 +253,7 @@ def flow_preset(model: str, reward: str, method: str) -> dict[str, Any]:
         "seed": 0,
         "backbone": {"kind": m["kind"], "path": m["path"], "dtype": "bfloat16", "lora_rank": 32, "lora_alpha": 64.0,
                      "lora_targets": list(FLOW_LORA_TARGETS), "gradient_checkpointing": True, "heads": "backbone",
-                     "image_size": m["image_size"]},
+                     "image_size": m["image_size"], "max_sequence_length": 128},
         "reward": reward,
         "prompts": copy.deepcopy(_FLOW_PROMPTS[reward]),
         "sampling": {"num_steps": m["num_steps"], "guidance_scale": m["guidance_scale"], "eta": m["eta"],
