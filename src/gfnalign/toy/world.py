@@ -245,7 +245,8 @@ class ToyPolicy(nn.Module):
         ab = torch.where(pure, torch.ones_like(alpha), alpha**2 / scale**2).squeeze(1)
         xv = xd / scale
         eps = self.mixture.eps(xv, ab)
-        x0 = self.mixture.x0_mean(xv, ab)
+        abc = ab[:, None]
+        x0 = (xv - (1 - abc).sqrt() * eps) / abc.sqrt()  # mixture.x0_mean's Tweedie, without a second score
         x0 = torch.where(pure, self.mixture.mean().to(DTYPE).expand_as(xd), x0)
         eps = torch.where(pure, xd, eps)
         return x0, eps
