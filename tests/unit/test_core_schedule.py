@@ -20,19 +20,45 @@ def test_ddim_grid_matches_diffusers(spacing, offset, K):
     assert make_timesteps(1000, K, spacing, offset).tolist() == sch.timesteps.tolist()
     if int(sch.timesteps[-1]) == 0:
         # diffusers' grid ends with a step from t = 0 to the final alpha-bar = alpha_bar[0]: a no-op step
-        # without density, which NoiseSchedule refuses with a clear error
-        with pytest.raises(ValueError, match="increase"):
+        # without density, which NoiseSchedule refuses, saying why and what to use
+        with pytest.raises(ValueError, match="ends the grid at timestep 0.*trailing"):
             NoiseSchedule.from_config(sch.config, K)
         return
     ns = NoiseSchedule.from_config(sch.config, K)
     assert ns.timesteps.tolist() == sch.timesteps.tolist()
     ac = sch.alphas_cumprod.double()
     assert torch.allclose(ns.alpha_bars, ac[sch.timesteps], rtol=0, atol=1e-12)
-    # diffusers' successor rule: t - T // K, landing on final_alpha_cumprod when negative
+    # each step lands on the next grid point, and the last one on diffusers' final alpha-bar
+    assert ns.next_timesteps[:-1].tolist() == sch.timesteps[1:].tolist()
+    assert float(ns.alpha_bars_next[-1]) == pytest.approx(float(sch.final_alpha_cumprod), abs=1e-12)
+    # where diffusers' own successor rule t - T // K hits the next grid point, the two agree exactly
     prev = sch.timesteps - sch.config.num_train_timesteps // K
     expect_next = torch.where(prev >= 0, ac[prev.clamp(min=0)], torch.tensor(float(sch.final_alpha_cumprod)).double())
-    assert torch.allclose(ns.alpha_bars_next, expect_next, rtol=0, atol=1e-12)
-    assert ns.next_timesteps.tolist() == prev.clamp(min=0).tolist()
+    if spacing == "leading" or 1000 % K == 0:
+        assert torch.allclose(ns.alpha_bars_next, expect_next, rtol=0, atol=1e-12)
+        assert ns.next_timesteps.tolist() == prev.clamp(min=0).tolist()
+
+
+def test_trailing_with_k_not_dividing_t_keeps_the_chain():
+    """Trailing spacing with K ∤ T: diffusers' successor t - T // K misses the next grid point at some steps
+    (10 of 29 at K = 30); here every step lands on the next grid point."""
+    sch = diffusers.DDIMScheduler(**SD, timestep_spacing="trailing", set_alpha_to_one=False)
+    sch.set_timesteps(30)
+    diffusers_next = sch.timesteps[:-1] - 1000 // 30
+    assert int((diffusers_next != sch.timesteps[1:]).sum()) == 10
+    ns = NoiseSchedule.from_config(sch.config, 30)
+    assert torch.equal(ns.next_timesteps[:-1], ns.timesteps[1:])
+    assert torch.equal(ns.alpha_bars_next[:-1], ns.alpha_bars[1:])
+
+
+def test_schedule_rejects_a_broken_chain():
+    ns = NoiseSchedule.from_config({**SD, "steps_offset": 1}, 10)
+    with pytest.raises(ValueError, match="next grid point"):
+        NoiseSchedule(
+            alphas_cumprod=ns.alphas_cumprod, timesteps=ns.timesteps, next_timesteps=ns.next_timesteps - 1,
+            alpha_bars=ns.alpha_bars, alpha_bars_next=ns.alphas_cumprod[ns.next_timesteps - 1].clone()
+            .index_put_((torch.tensor([9]),), ns.alpha_bars_next[9:]),
+        )
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])

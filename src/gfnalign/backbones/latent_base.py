@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from gfnalign.core.parametrization import model_output_to_eps
-from gfnalign.core.schedule import NoiseSchedule
+from gfnalign.core.schedule import NoiseSchedule, alphas_cumprod_from_config, lands_on_alpha_bar_one
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -97,36 +97,25 @@ def schedule_from_scheduler_config(
 
     Flow-match configs (SD3, FLUX) give a rectified-flow schedule
     (:meth:`NoiseSchedule.from_flow_match_config`; ``flow_grid`` passes ``sigmas`` / ``mu`` /
-    ``image_seq_len``), sampled with ``kernel`` (default ``flow_sde``, Flow-GRPO's SDE). VP configs are
-    sampled with ``kernel`` (default ``ddim``).
+    ``image_seq_len``), sampled with ``kernel`` (default ``flow_sde``, Flow-GRPO's SDE); its grid is a chain
+    by construction. VP configs are sampled with ``kernel`` (default ``ddim``).
 
-    Final alpha-bar (what the last sampling step lands on): DDIM-style configs follow ``set_alpha_to_one``
-    exactly (Stable Diffusion's configs say False: the last step lands on ``alphas_cumprod[0]``). A **DDPM**
-    config steps to alpha-bar 1 in diffusers (a deterministic last step with zero variance, which has no
-    density); here its last step lands on ``alphas_cumprod[0]`` instead (noise std ≈ 0.03 for SD's schedule),
-    so every transition has a Gaussian log-probability. This differs from ``DDPMScheduler.step`` only in the
-    last step. It needs a grid whose last timestep is > 0 (``steps_offset=1`` as in SD's configs, or
-    ``timestep_spacing="trailing"``); a DDPM grid ending at timestep 0 is rejected with that advice.
+    Final alpha-bar (what the last sampling step lands on): ``alphas_cumprod[0]`` (Stable Diffusion's DDIM
+    configs say ``set_alpha_to_one=False``, which is exactly this). A **DDPM** config, or a DDIM config with
+    ``set_alpha_to_one=True``, steps to alpha-bar 1 in diffusers (a deterministic last step with zero
+    variance, which has no density); here its last step lands on ``alphas_cumprod[0]`` instead (noise std
+    ≈ 0.03 for SD's schedule), so every transition has a Gaussian log-probability. This differs from
+    diffusers' ``step`` only in the last step. Each step lands on the next grid point (see
+    :mod:`gfnalign.core.schedule`). Grids that cannot form a chain of Gaussian steps are rejected by
+    :class:`NoiseSchedule` with the reason and the setting to use instead: a grid ending at timestep 0
+    (``linspace`` always; use ``steps_offset=1`` as in SD's configs, or ``timestep_spacing="trailing"``) and a
+    zero-terminal-SNR grid point (alpha-bar 0).
     """
     if is_flow_match_config(config):
         return NoiseSchedule.from_flow_match_config(config, num_inference_steps, kernel=kernel or "flow_sde",
                                                     **flow_grid)
-    cfg = dict(getattr(config, "config", config))
-    cls_name = str(cfg.get("_class_name") or (type(config).__name__ if hasattr(config, "config") else ""))
-    is_ddpm = "DDPM" in cls_name and "set_alpha_to_one" not in cfg
-    if is_ddpm:
-        cfg["_class_name"] = cls_name
-    sched = NoiseSchedule.from_config(cfg, num_inference_steps)
-    if is_ddpm:
-        if int(sched.timesteps[-1]) == 0:
-            raise ValueError(
-                f"DDPM scheduler config with {num_inference_steps} steps ends its grid at timestep 0, so the last "
-                "step (to a clean sample) is deterministic and has no log-probability; set steps_offset=1 (as "
-                "Stable Diffusion's configs do) or timestep_spacing='trailing' in the scheduler config"
-            )
-        sched = NoiseSchedule.from_config(
-            cfg, num_inference_steps, final_alpha_cumprod=float(sched.alphas_cumprod[0])
-        )
+    final = float(alphas_cumprod_from_config(config)[0]) if lands_on_alpha_bar_one(config) else None
+    sched = NoiseSchedule.from_config(config, num_inference_steps, final_alpha_cumprod=final)
     return sched if kernel is None else sched.with_kernel(kernel)
 
 

@@ -26,8 +26,23 @@ Timestep grids follow diffusers' ``set_timesteps``:
 * ``trailing``: ``round(arange(T, 0, -T / K)) - 1``
 * ``linspace``: ``round(linspace(0, T - 1, K))`` reversed
 
-and the successor of ``t`` is ``t - T // K`` (diffusers' rule), landing on the final alpha-bar when
-negative. ``next_timesteps`` is clamped at 0 so networks that take a timestep input see a valid one.
+The successor of each grid point is the **next grid point** (the last one steps to the final
+alpha-bar), so the state a step lands on is exactly the state the next step starts from: the chain the
+balance conditions need. Diffusers' DDIM uses ``t - T // K`` instead; the two agree for ``leading`` and
+for ``trailing`` with ``K | T``. For ``trailing`` with ``K ∤ T`` diffusers lands on a noise level that
+differs from the timestep its next call is given (10 of 29 steps at K = 30); here the chain is kept.
+``next_timesteps`` of the last step is 0 so networks that take a timestep input see a valid one.
+
+Grids that cannot be a chain of Gaussian steps are rejected with the reason and the fix:
+
+* a grid point with alpha-bar 0 (zero-terminal-SNR betas with a grid that starts at ``T - 1``, e.g.
+  ``trailing``): the ε-form kernels recover x̂0 by dividing by √ᾱ, which is undefined there;
+* a grid that ends where the final alpha-bar already is (``linspace`` always ends at timestep 0, as
+  does ``leading`` with ``steps_offset=0``): the last step would not move and has no density.
+
+Rectified-flow grids are chains by construction (each step lands on the next sigma, the last on
+``final_sigma``) and start at sigma = 1 (zero SNR) legitimately: the velocity output stays finite there
+and x̂0 is recovered without dividing by alpha. The chain check in ``__post_init__`` covers both.
 """
 
 from __future__ import annotations
@@ -116,6 +131,30 @@ def make_timesteps(
     return ts.to(torch.int64)
 
 
+def alphas_cumprod_from_config(config: Mapping[str, Any] | Any) -> torch.Tensor:
+    """``[T]`` float32 cumulative alphas of a diffusers scheduler config (betas, trained_betas, zero SNR)."""
+    cfg = dict(getattr(config, "config", config))
+    T = int(cfg.get("num_train_timesteps", 1000))
+    if cfg.get("trained_betas") is not None:
+        betas = torch.tensor(cfg["trained_betas"], dtype=torch.float32)
+    else:
+        betas = make_betas(cfg.get("beta_schedule", "linear"), T, cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02))
+    if cfg.get("rescale_betas_zero_snr", False):
+        betas = rescale_zero_terminal_snr(betas)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def lands_on_alpha_bar_one(config: Mapping[str, Any] | Any) -> bool:
+    """Whether diffusers' last step for this config lands on alpha-bar 1: DDIM's ``set_alpha_to_one``,
+    or a DDPM config (no such flag; DDPM always steps to a clean sample)."""
+    cfg = dict(getattr(config, "config", config))
+    # the class name is in saved configs (``_class_name``) or, for a live scheduler object, its type
+    class_name = str(cfg.get("_class_name") or (type(config).__name__ if hasattr(config, "config") else ""))
+    # a bare DDPM config dict has DDPM's ``variance_type`` and no ``set_alpha_to_one``
+    is_ddpm = "DDPM" in class_name or ("variance_type" in cfg and "set_alpha_to_one" not in cfg)
+    return bool(cfg.get("set_alpha_to_one", is_ddpm))
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
     """Everything the kernels need about the inference grid.
@@ -160,6 +199,14 @@ class NoiseSchedule:
             )
         if not bool((self.alpha_bars_next > self.alpha_bars).all()):
             raise ValueError("NoiseSchedule: alpha-bar must increase along the trajectory (t > t_next)")
+        if K > 1 and not (
+            torch.equal(self.next_timesteps[:-1], self.timesteps[1:])
+            and torch.equal(self.alpha_bars_next[:-1], self.alpha_bars[1:])
+        ):
+            raise ValueError(
+                "NoiseSchedule: each step must land on the next grid point (next_timesteps[k] == timesteps[k+1] "
+                "and alpha_bars_next[k] == alpha_bars[k+1]); a broken chain breaks every balance condition"
+            )
         self._check_interpolant()
 
     def _check_interpolant(self) -> None:
@@ -182,6 +229,11 @@ class NoiseSchedule:
             if not (bool((self.sigmas <= 1).all()) and bool((self.sigmas_next >= 0).all())
                     and bool((self.sigmas_next < self.sigmas).all())):
                 raise ValueError("NoiseSchedule: sigmas must decrease within [0, 1] along the trajectory")
+            if K > 1 and not torch.equal(self.sigmas_next[:-1], self.sigmas[1:]):
+                raise ValueError(
+                    "NoiseSchedule: each step must land on the next grid sigma (sigmas_next[k] == sigmas[k+1]); "
+                    "a broken chain breaks every balance condition"
+                )
         elif self.sigmas is not None or self.sigmas_next is not None:
             raise ValueError("NoiseSchedule.sigmas are for interpolant='rectified_flow'; a VP schedule has alpha-bars only")
         if self.kernel == "flow_sde" and not flow:
@@ -405,14 +457,31 @@ class NoiseSchedule:
                 f"timesteps {ts.tolist()} fall outside [0, {T - 1}]; lower steps_offset={steps_offset}"
             )
         final = float(ac[0]) if final_alpha_cumprod is None else float(final_alpha_cumprod)
-        stride = T // num_inference_steps
-        nxt = ts - stride
-        ab_next = torch.where(nxt >= 0, ac[nxt.clamp(min=0)], torch.tensor(final, dtype=torch.float64))
+        alpha_bars = ac[ts]
+        grid = f"timestep_spacing={timestep_spacing!r} with steps_offset={steps_offset} and {num_inference_steps} steps"
+        if bool((alpha_bars <= 0).any()):
+            first_zero = int(ts[alpha_bars <= 0][0])
+            raise ValueError(
+                f"{grid} puts a grid point at timestep {first_zero}, where alpha-bar is 0 (zero terminal SNR): "
+                "the ε-form kernels recover x̂0 by dividing by √alpha-bar, which is undefined there (and an "
+                "ε-prediction carries no information about x0 at zero SNR); use timestep_spacing='leading' "
+                "with steps_offset=1, whose first grid point keeps alpha-bar > 0"
+            )
+        if final <= float(alpha_bars[-1]):
+            raise ValueError(
+                f"{grid} ends the grid at timestep {int(ts[-1])}, whose alpha-bar {float(alpha_bars[-1]):.6g} "
+                f"already equals the final alpha-bar {final:.6g}: the last step would not move and has no "
+                "density; use timestep_spacing='trailing' (it ends at T/K - 1 > 0), or 'leading' with "
+                "steps_offset=1 as Stable Diffusion's configs do"
+            )
+        # the successor of each grid point is the next grid point, so the chain is never broken
+        ab_next = torch.cat([alpha_bars[1:], torch.tensor([final], dtype=torch.float64)])
+        next_ts = torch.cat([ts[1:], torch.zeros(1, dtype=torch.int64)])
         return cls(
             alphas_cumprod=ac,
             timesteps=ts,
-            next_timesteps=nxt.clamp(min=0),
-            alpha_bars=ac[ts],
+            next_timesteps=next_ts,
+            alpha_bars=alpha_bars,
             alpha_bars_next=ab_next,
             prediction_type=prediction_type,
         )
@@ -439,25 +508,11 @@ class NoiseSchedule:
                 "scheduler config has clip_sample/thresholding enabled; set clip_sample=False and "
                 "thresholding=False (Stable Diffusion's configs already do)"
             )
-        T = int(cfg.get("num_train_timesteps", 1000))
-        if cfg.get("trained_betas") is not None:
-            betas = torch.tensor(cfg["trained_betas"], dtype=torch.float32)
-        else:
-            betas = make_betas(
-                cfg.get("beta_schedule", "linear"), T, cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02)
-            )
-        if cfg.get("rescale_betas_zero_snr", False):
-            betas = rescale_zero_terminal_snr(betas)
-        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        alphas_cumprod = alphas_cumprod_from_config(cfg)
         if final_alpha_cumprod is None:
             # DDIM: set_alpha_to_one; DDPM has no such flag and steps to alpha-bar 1 (a deterministic
             # last step), which the objectives reject later with a clear message.
-            # the class name is in saved configs (``_class_name``) or, for a live scheduler object, its type
-            class_name = str(cfg.get("_class_name") or (type(config).__name__ if hasattr(config, "config") else ""))
-            # a bare DDPM config dict has DDPM's ``variance_type`` and no ``set_alpha_to_one``
-            is_ddpm = "DDPM" in class_name or ("variance_type" in cfg and "set_alpha_to_one" not in cfg)
-            set_one = cfg.get("set_alpha_to_one", is_ddpm)
-            final_alpha_cumprod = 1.0 if set_one else float(alphas_cumprod[0])
+            final_alpha_cumprod = 1.0 if lands_on_alpha_bar_one(config) else float(alphas_cumprod[0])
         return cls.from_alphas_cumprod(
             alphas_cumprod,
             num_inference_steps,
