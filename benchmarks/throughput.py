@@ -7,8 +7,9 @@ For every method (and for ``dag-db`` once with ``lookahead: cached`` and once wi
 the trainer's epoch structure (DESIGN.md §9) on the digits world, in its own subprocess so peak memory is
 per method:
 
-    rollout of B trajectories  ->  terminal reward  ->  [cached: lookahead r(x̂0) of every state]
-    ->  objective.prepare  ->  select_transitions  ->  micro-batches: objective(...) / backward / AdamW step
+    rollout of B trajectories  ->  terminal reward  ->  objective.prepare  ->  select_transitions
+    ->  [cached, objectives that read it: lookahead r(x̂0) of the selected transitions' states]
+    ->  micro-batches: objective(...) / backward / AdamW step
 
 **Counting.** Forward hooks on the real modules (the UNet, the VAE decoder) and a wrapper on the reward's
 ``score`` count the rows each network processes, split by whether autograd was recording (``grad``) or
@@ -168,6 +169,7 @@ class Harness:
         from gfnalign.rewards.prompts import load_prompts
 
         self.prompts = load_prompts(self.cfg.prompts)
+        self.mode = self.cfg.lookahead.mode
 
     def _policy_params(self) -> list[torch.nn.Parameter]:
         bb = self.backbone
@@ -184,7 +186,7 @@ class Harness:
         return torch.randn(shape, generator=self.generator).to(self.device)
 
     def sample(self, batch: int) -> Any:
-        """Rollout + terminal reward + (cached) lookahead; returns the prepared trajectory batch."""
+        """Rollout + terminal reward; returns the prepared trajectory batch."""
         from gfnalign.sampling.rollout import rollout
 
         s = self.cfg.sampling
@@ -196,13 +198,14 @@ class Harness:
         with torch.no_grad():
             r = self.reward(self.backbone.decode(traj.final).float(), prompts)
         traj = replace(traj, reward=torch.as_tensor(r, dtype=torch.float32, device=self.device).reshape(-1))
-        if self.cfg.lookahead.mode == "cached":
-            traj = self.lookahead.cache_trajectory(traj)
         return self.objective.prepare(traj)
 
     def train(self, traj: Any) -> int:
-        """Micro-batched objective / backward / step over the selected transitions; returns their count."""
+        """Selection, the cached lookahead of the selected states (as the trainer: only when the objective
+        reads it), micro-batched objective / backward / step; returns the number of transitions."""
         batch = self.objective.select_transitions(traj, self.generator)
+        if self.mode == "cached" and "reward" in self.objective.lookahead_reads:
+            batch = self.lookahead.cache_transitions(traj, batch)
         n = len(batch)
         mb = self.cfg.training.micro_batch
         beta = self.cfg.beta.value
@@ -424,9 +427,9 @@ def measure(cfg: dict[str, Any], device: torch.device, batch: int, repeats: int,
 
 
 def lookahead_ab(cfg: dict[str, Any], device: torch.device, batch: int, passes: int = 8) -> dict[str, Any]:
-    """dag-db's train step with the cached lookahead vs recomputed per transition, in ONE process on the SAME
-    transitions, timed alternately (so load from other processes hits both alike); plus the sampling-side
-    cost of filling the cache with the reference x̂0 (extra UNet pass per state) or the rollout's own x̂0."""
+    """dag-db's training phase (selection, lookahead, updates) with ``lookahead: cached`` (the selected states
+    scored once, with the policy's recorded x̂0 or one reference pass each) vs ``recompute`` (per transition),
+    in ONE process on the SAME trajectories, timed alternately so load from other processes hits all alike."""
     from gfnalign.sampling.rollout import rollout
 
     h = Harness(cfg, device)
@@ -440,7 +443,7 @@ def lookahead_ab(cfg: dict[str, Any], device: torch.device, batch: int, passes: 
                        generator=h.generator, prompt_id=idx.to(device), prompts=prompts)
         with torch.no_grad():
             r = h.reward(h.backbone.decode(traj.final).float(), prompts)
-        return replace(traj, reward=torch.as_tensor(r, dtype=torch.float32, device=device).reshape(-1))
+        return h.objective.prepare(replace(traj, reward=torch.as_tensor(r, dtype=torch.float32, device=device).reshape(-1)))
 
     def timed(fn):
         sync(device)
@@ -450,36 +453,30 @@ def lookahead_ab(cfg: dict[str, Any], device: torch.device, batch: int, passes: 
         return out, time.perf_counter() - t0
 
     roll()  # warm-up
-    t_roll, t_cache = [], {"reference": [], "policy": []}
-    trajs = []
+    trajs, t_roll = [], []
     for _ in range(2):
         traj, dt = timed(roll)
+        trajs.append(traj)
         t_roll.append(dt)
-        for model in ("policy", "reference"):
-            h.lookahead.model = model
-            cached, dt = timed(lambda traj=traj: h.lookahead.cache_trajectory(traj))
-            t_cache[model].append(dt)
-        trajs.append(cached)  # reference x̂0 (the preset's lookahead.model)
-    t_train = {"cached": [], "recompute": []}
+    variants = [("cached", "policy"), ("cached", "reference"), ("recompute", "policy"), ("recompute", "reference")]
+    t_train: dict[str, list[float]] = {f"{m}/{model}": [] for m, model in variants}
     n = None
     for i in range(passes):
-        traj = h.objective.prepare(trajs[i % 2])
-        for mode in (("cached", "recompute") if i % 2 == 0 else ("recompute", "cached")):
-            tr = traj if mode == "cached" else replace(traj, lookahead_reward=None)
-            n, dt = timed(lambda tr=tr: h.train(tr))
-            t_train[mode].append(dt / n)
+        order = variants if i % 2 == 0 else variants[::-1]
+        for mode, model in order:
+            h.mode, h.lookahead.model = mode, model
+            n, dt = timed(lambda traj=trajs[i % 2]: h.train(traj))
+            t_train[f"{mode}/{model}"].append(dt / n)
     med = {k: sorted(v)[len(v) // 2] for k, v in t_train.items()}
     best = {k: min(v) for k, v in t_train.items()}
     roll_pt = min(t_roll) / n
-    cache_pt = {k: min(v) / n for k, v in t_cache.items()}
     return {
         "transitions_per_epoch": n, "trajectories_per_epoch": batch,
         "train_s_per_transition": {"median": med, "min": best, "all": t_train},
-        "step_speedup_cached_vs_recompute": {"median": med["recompute"] / med["cached"],
-                                             "min": best["recompute"] / best["cached"]},
-        "rollout_s_per_transition": roll_pt, "cache_s_per_transition": cache_pt,
+        "rollout_s_per_transition": roll_pt,
         "epoch_speedup_cached_vs_recompute": {
-            model: (roll_pt + med["recompute"]) / (roll_pt + cache_pt[model] + med["cached"]) for model in cache_pt},
+            model: (roll_pt + med[f"recompute/{model}"]) / (roll_pt + med[f"cached/{model}"])
+            for model in ("policy", "reference")},
     }
 
 
@@ -550,26 +547,25 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, ab: dict[s
         )
     if ab and "error" not in ab:
         med = ab["train_s_per_transition"]["median"]
-        lines += ["", "dag-db lookahead A/B (one process, same transitions, alternating):", "",
-                  "| | seconds per trained transition |", "|---|---|",
-                  f"| train step, cached lookahead | {med['cached']:.4f} |",
-                  f"| train step, recomputed lookahead | {med['recompute']:.4f} |",
-                  f"| rollout + terminal reward | {ab['rollout_s_per_transition']:.4f} |"]
-        lines += [f"| filling the cache ({k} x̂0) | {v:.4f} |" for k, v in ab["cache_s_per_transition"].items()]
-        sp = ab["step_speedup_cached_vs_recompute"]
-        lines += ["", f"Cached train step {sp['median']:.2f}× faster than recompute (median; {sp['min']:.2f}× on the "
-                      "fastest passes); whole epoch cached/recompute speed: "
+        lines += ["", "dag-db lookahead A/B (one process, same trajectories, alternating; the training phase includes "
+                  "selection and, when cached, scoring the selected states):", "",
+                  "| | seconds per trained transition (median) |", "|---|---|"]
+        lines += [f"| training phase, {k.replace('/', ', x̂0 of the ')} model | {v:.4f} |" for k, v in med.items()]
+        lines += [f"| rollout + terminal reward | {ab['rollout_s_per_transition']:.4f} |", "",
+                  "Whole epoch, recompute time / cached time: "
                   + ", ".join(f"{v:.2f}× ({k} x̂0)" for k, v in ab["epoch_speedup_cached_vs_recompute"].items())]
     by = {(r["method"], r["lookahead"], r.get("lookahead_model", "reference")): r for r in results if "error" not in r}
-    rc = by.get(("dag-db", "recompute", "reference"))
-    for model in ("reference", "policy"):
-        c = by.get(("dag-db", "cached", model))
-        if c is None or rc is None:
-            continue
-        lines += ["", f"dag-db cached ({model} x̂0) vs recompute: the train step is "
-                      f"{rc['train_s_per_transition'] / c['train_s_per_transition']:.2f}× as fast per transition; "
-                      f"the whole epoch (sampling and caching included) "
-                      f"{rc['epoch_s_per_transition'] / c['epoch_s_per_transition']:.2f}× as fast per trained transition."]
+    pairs = []
+    for (method, mode, model), c in by.items():
+        rc = by.get((method, "recompute", model))
+        if mode == "cached" and rc is not None:
+            pairs.append(f"| {method} | {model} | {c['epoch_s_per_transition']:.4f} | {rc['epoch_s_per_transition']:.4f} | "
+                         f"{rc['epoch_s_per_transition'] / c['epoch_s_per_transition']:.2f} |")
+    if pairs:
+        lines += ["", "Per-epoch cost per trained transition (sampling, selection, lookahead, updates; separate "
+                  "processes, min over repeats):", "",
+                  "| method | x̂0 model | cached (s) | recompute (s) | recompute / cached |", "|---|---|---|---|---|",
+                  *pairs]
     return "\n".join(lines) + "\n"
 
 
@@ -598,22 +594,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.child_method:
         return _child(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    jobs: list[tuple[str, str, str | None]] = [(m, "cached", None) for m in methods]
-    if "dag-db" in methods:
-        # the same objective with the lookahead recomputed per transition (the authors' DAG code), and cached
-        # from the rollout's own guided x0_hat (model: policy, no extra UNet pass at sampling time)
-        i = methods.index("dag-db") + 1
-        jobs[i:i] = [("dag-db", "recompute", None), ("dag-db", "cached", "policy")]
+    # every method with the lookahead cached and recomputed (the authors' DAG code); objectives that never
+    # read the lookahead must cost the same in both
+    jobs: list[tuple[str, str, str | None]] = [(m, la, None) for m in methods for la in ("cached", "recompute")]
     ab = None
     if "dag-db" in methods:
         ab = run_child("dag-db", "ab", args)
         if "error" in ab:
             print("lookahead A/B failed:", ab["error"][-500:], flush=True)
         else:
-            sp = ab["step_speedup_cached_vs_recompute"]
-            print(f"dag-db lookahead A/B (same process, same transitions): cached train step {sp['median']:.2f}x "
-                  f"faster (median; min-based {sp['min']:.2f}x); whole epoch "
-                  + ", ".join(f"{k} x0_hat cache {v:.2f}x" for k, v in ab["epoch_speedup_cached_vs_recompute"].items()),
+            print("dag-db lookahead A/B (same process, same trajectories): whole epoch recompute/cached "
+                  + ", ".join(f"{k} x0_hat {v:.2f}x" for k, v in ab["epoch_speedup_cached_vs_recompute"].items()),
                   flush=True)
     results = []
     for m, la, model in ([] if args.only_ab else jobs):

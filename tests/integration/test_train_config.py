@@ -112,11 +112,42 @@ def test_prompt_mapping_applies_the_papers_split(shared_data):
 
     from gfnalign.training.build import build_prompts
 
-    cfg = dataclasses.replace(_preset("sd15-imagereward-dag-db"),
-                              prompts={"path": str(shared_data / "drawbench_prompts.json"), "skip_first_per_category": 2})
-    assert len(build_prompts(cfg).prompts) == 165
+    preset = _preset("sd15-imagereward-dag-db")
+    cfg = dataclasses.replace(preset, prompts={**preset.prompts, "path": str(shared_data / "drawbench_prompts.json")})
+    assert len(build_prompts(cfg).prompts) == 165  # this file already lacks Misspellings / Rare Words
     with pytest.raises(ValueError, match="needs 'path'"):
         build_prompts(dataclasses.replace(cfg, prompts={"skip_first": 2}))
+
+
+def test_preset_prompt_splits_drop_drawbench_categories_and_join_hpd_styles(shared_data, tmp_path):
+    """ImageReward: the full DrawBench (with Misspellings and Rare Words) gives the same 165; HPSv2: photo and
+    paintings, the first 10 of each held out, 1 580 prompts."""
+    import dataclasses
+    import json
+
+    from gfnalign.training.build import build_prompts
+
+    bench = json.loads((shared_data / "drawbench_prompts.json").read_text())
+    bench.update({f"misspelled prompt {i}": {"category": "Misspellings"} for i in range(10)})
+    bench.update({f"rare word prompt {i}": {"category": "Rare Words"} for i in range(7)})
+    (tmp_path / "drawbench200.json").write_text(json.dumps(bench))
+    preset = _preset("sd15-imagereward-dag-db")
+    cfg = dataclasses.replace(preset, prompts={**preset.prompts, "path": str(tmp_path / "drawbench200.json")})
+    prompts = build_prompts(cfg)
+    assert len(bench) == 200 and len(prompts.prompts) == 165
+    assert not {"Misspellings", "Rare Words"} & set(prompts.categories)
+
+    photo = json.loads((shared_data / "hpdv2_benchmark_photo_prompts.json").read_text())
+    (tmp_path / "paintings.json").write_text(json.dumps([f"a painting of {p}" for p in photo]))
+    hps = _preset("sd15-hpsv2-dag-db")
+    sets = hps.prompts["sets"]
+    assert [s["skip_first"] for s in sets] == [10, 10] and "paintings" in sets[1]["path"]
+    spec = {"sets": [{**sets[0], "path": str(shared_data / "hpdv2_benchmark_photo_prompts.json")},
+                     {**sets[1], "path": str(tmp_path / "paintings.json")}]}
+    joined = build_prompts(dataclasses.replace(hps, prompts=spec)).prompts
+    assert len(joined) == 1580 and joined[0] == photo[10] and joined[790] == f"a painting of {photo[10]}"
+    with pytest.raises(ValueError, match="union"):
+        build_prompts(dataclasses.replace(hps, prompts={"sets": []}))
 
 
 def test_objectives_keep_their_own_reduction_unless_the_method_sets_it():

@@ -1,6 +1,14 @@
 """Objectives: one file each, registered by name in :data:`gfnalign.objectives.base.REGISTRY`."""
 
-from gfnalign.objectives.base import REGISTRY, LossOutput, Objective, build_objective, register
+from gfnalign.objectives.base import (
+    REGISTRY,
+    SINGLE_PROCESS,
+    Collective,
+    LossOutput,
+    Objective,
+    build_objective,
+    register,
+)
 from gfnalign.objectives.dag_db import DAGDB
 from gfnalign.objectives.dag_kl import DAGKL
 from gfnalign.objectives.ddpo import DDPO
@@ -18,6 +26,8 @@ __all__ = [
     "GRPO",
     "REGISTRY",
     "LossOutput",
+    "Collective",
+    "SINGLE_PROCESS",
     "NablaDB",
     "Objective",
     "ResidualNablaDB",

@@ -2,7 +2,7 @@
 
 The trainer calls, for every epoch and never branching on the objective type:
 
-    traj = objective.prepare(traj)                         # epoch-level statistics (e.g. DDPO advantages)
+    traj = objective.prepare(traj, collective)             # epoch-level statistics (e.g. DDPO advantages)
     batch = objective.select_transitions(traj, generator)  # which transitions to train on
     out = objective(batch, policy, lookahead, beta=beta)   # LossOutput; out.loss.backward()
 
@@ -21,6 +21,31 @@ from torch import nn
 
 from gfnalign.core.batches import TrajectoryBatch, TransitionBatch
 from gfnalign.core.protocols import Lookahead, PolicyModel
+
+
+def _no_gather(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@dataclass(frozen=True)
+class Collective:
+    """What an objective sees of the other processes when it computes epoch statistics in ``prepare``.
+
+    ``gather(x)``: every process's ``x`` (same shape on each) concatenated along dim 0 in rank order;
+    ``rank`` / ``world``: this process's place. The default is one process. The trainer builds it from
+    its process group, so objectives never import a distributed backend.
+    """
+
+    rank: int = 0
+    world: int = 1
+    gather: Callable[[torch.Tensor], torch.Tensor] = _no_gather
+
+    def own_rows(self, gathered: torch.Tensor) -> torch.Tensor:
+        """This process's slice of a gathered tensor."""
+        return gathered.reshape(self.world, -1, *gathered.shape[1:])[self.rank]
+
+
+SINGLE_PROCESS = Collective()
 
 
 @dataclass
@@ -47,8 +72,12 @@ class Objective(nn.Module):
     whole_trajectories: bool = False
     #: True when :meth:`log_start_weight` returns a learned value (a tilted start is possible).
     learns_start_value: bool = False
+    #: Which cached lookahead fields of a TransitionBatch the objective reads: ``"reward"`` for
+    #: ``lookahead_reward_t`` / ``lookahead_reward_next``. The trainer fills the cache only for these (and
+    #: only for the selected transitions); an objective that reads nothing costs no lookahead work.
+    lookahead_reads: frozenset[str] = frozenset()
 
-    def prepare(self, traj: TrajectoryBatch) -> TrajectoryBatch:
+    def prepare(self, traj: TrajectoryBatch, collective: Collective = SINGLE_PROCESS) -> TrajectoryBatch:
         return traj
 
     def select_transitions(self, traj: TrajectoryBatch, generator: torch.Generator | None = None) -> TransitionBatch:

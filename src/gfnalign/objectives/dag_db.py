@@ -194,6 +194,7 @@ class DAGDB(TransitionObjective):
             raise ValueError(f"exp_clamp={exp_clamp} must be > 0 (nats)")
         self.exp_clamp = float(exp_clamp)
         self.forward_looking = bool(forward_looking)
+        self.lookahead_reads = frozenset({"reward"}) if self.forward_looking else frozenset()
         check_choice("flow_gradient", flow_gradient, FLOW_GRADIENTS)
         self.flow_gradient = flow_gradient
         check_choice("gamma", gamma, GAMMAS)

@@ -75,6 +75,13 @@ class _Embedding(nn.Module):
         return emb
 
 
+def full_precision(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``layer(h)`` in float32 outside autocast: a head's output is added to β-scaled rewards of ~10², which
+    bf16 would round to ~3 significant digits (545.37 → 544.0)."""
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        return layer(h.to(layer.weight.dtype))
+
+
 class MLPHead(nn.Module):
     """Flat states ``[N, d]`` -> ``[N]`` (``scalar=True``) or ``[N, d]`` (score)."""
 
@@ -108,7 +115,7 @@ class MLPHead(nn.Module):
         h = torch.nn.functional.silu(h)
         for layer in self.body:
             h = torch.nn.functional.silu(layer(h))
-        y = self.out(h)
+        y = full_precision(self.out, h)
         y = y.squeeze(1) if self.scalar else y
         return y.to(torch.promote_types(x.dtype, dtype))
 
@@ -177,7 +184,7 @@ class ConvHead(nn.Module):
         h = torch.nn.functional.silu(self.norm_out(h))
         out_dtype = torch.promote_types(x.dtype, dtype)
         if self.scalar:
-            return self.out(h.mean(dim=(2, 3))).squeeze(1).to(out_dtype)
+            return full_precision(self.out, h.mean(dim=(2, 3))).squeeze(1).to(out_dtype)
         return self.out(h).to(out_dtype)
 
 

@@ -30,18 +30,25 @@ class RewardBackprop(TransitionObjective):
       x is chained: x_{j+1}(θ) = mean_θ(x_j(θ)) + σ_j z_j, starting from the stored x_t of the first
       re-run step. ``loss = −β⟨g, x_final(θ)⟩`` with ``g = ∇r(x_final(θ).detach())``, whose gradient is
       −β∇_θ r(x_final(θ)).
-    * ``draft-lv`` (DRaFT-LV): k = 1, and the last step is re-drawn ``lv_samples`` times (the recorded
-      noise plus fresh draws from torch's global RNG); the loss averages over the draws.
+    * ``draft-lv`` (DRaFT-LV, Clark et al. 2023): k = 1. The sampled final state x_final (detached) is
+      re-noised ``lv_samples`` = n times to the last step's start level with the interpolant's noising
+      kernel (VP: x_t^(i) = √(ᾱ_t/ᾱ')·x_final + √(1 − ᾱ_t/ᾱ')·ε_i), and the last step is re-run on each with
+      gradient (one network call per draw): x_final^(i)(θ) = mean_θ(x_t^(i)) + σ z_i.
+      ``loss = −(β/n) Σ_i ⟨g_i, x_final^(i)(θ)⟩``, g_i = ∇r(x_final^(i)). The n draws have different
+      inputs, hence different ∂x_final/∂θ, which is where the variance reduction comes from; ε_i and z_i
+      come from torch's global RNG (the trainer seeds it per rank).
     * ``refl`` (ReFL): one random step among the last ``ceil(K·refl_late_fraction)`` of each trajectory,
       ``loss = −β⟨∇r(x̂0), x̂0_θ(x_t)⟩`` with x̂0_θ Tweedie's prediction of the current policy at the
       stored x_t.
 
-    Plus ``λ·mean_dims(ε_θ − ε_old)²`` on every re-run step. Fixed point: none (ascends r). These
+    Plus ``λ·mean_dims(ε_θ − ε_old)²`` on every re-run step (DRaFT-LV: on the recorded step, which costs one
+    more network call when λ > 0). Fixed point: none (ascends r). These
     objectives override ``select_transitions`` (fraction/stratified are ignored) and need each
     trajectory's rows together in one call (DRaFT chains k consecutive steps ending at the last step).
     ``log_prob_reduction`` has no effect (no log-probabilities are used). ``residual`` is the
     reparametrisation check mean_dims(x_{j+1}(θ) − x_next recorded)² per row (ReFL:
-    mean_dims(x̂0_θ − x̂0_old)²), zero when θ equals the behaviour policy.
+    mean_dims(x̂0_θ − x̂0_old)²), zero when θ equals the behaviour policy; DRaFT-LV reports the mean over
+    draws of mean_dims(x_final^(i) − x_final)², the spread of the re-generated final states.
 
     Where gradients stop:
 
@@ -124,6 +131,8 @@ class RewardBackprop(TransitionObjective):
         sched = policy.schedule
         if self.variant == "refl":
             return self._refl(batch, policy, lookahead, beta)
+        if self.variant == "draft-lv":
+            return self._draft_lv(batch, policy, lookahead, beta)
         idx = self._chains(batch)
         Bp, k = idx.shape
         cond_all = batch.cond
@@ -142,25 +151,51 @@ class RewardBackprop(TransitionObjective):
             x_rec = batch.x_next[rows]
             z = old.noise_of(x_rec).detach()
             tr_total = tr_total + self.trust_region_term(eps, batch.index(rows))
-            if j < k - 1:
-                x = kern.sample(z)
-                residual[rows] = mean_dims((x - x_rec) ** 2).detach()
-                continue
-            total = torch.zeros(Bp, dtype=x.dtype, device=x.device)
-            for n in range(self.lv_samples):
-                noise = z if n == 0 else torch.randn_like(z)
-                x_final = kern.sample(noise)
-                if n == 0:
-                    residual[rows] = mean_dims((x_final - x_rec) ** 2).detach()
-                g = lookahead.grad_log_reward(x_final.detach(), t_next, cond, terminal=torch.ones_like(batch.is_last[rows]))
-                total = total - beta * _dot(g.detach().to(x_final), x_final)
-            loss_traj = total / self.lv_samples
+            x = kern.sample(z)
+            residual[rows] = mean_dims((x - x_rec) ** 2).detach()
+            if j == k - 1:
+                g = lookahead.grad_log_reward(x.detach(), t_next, cond, terminal=torch.ones_like(batch.is_last[rows]))
+                loss_traj = -beta * _dot(g.detach().to(x), x)
         per_traj = loss_traj + tr_total
         loss = per_traj.mean()
         metrics = {
             "loss/total": float(loss.detach()),
             "loss/reward": float(loss_traj.detach().mean()),
             "loss/trust_region": float(tr_total.detach().mean()),
+            "residual/abs_mean": float(residual.abs().mean()),
+        }
+        return LossOutput(loss=loss, residual=residual, metrics=metrics)
+
+    def _draft_lv(self, batch: TransitionBatch, policy: PolicyModel, lookahead: Lookahead, beta: float) -> LossOutput:
+        idx = self._chains(batch)[:, 0]  # k = 1: one row per trajectory, its last step
+        rows = batch.index(idx)
+        x_final = rows.x_next.detach()
+        sched = policy.schedule
+        t, t_next, _, _ = sched.at_steps(rows.step, dtype=x_final.dtype, device=x_final.device)
+        renoise = sched.backward_kernel(x_final, rows.step)  # the interpolant's noising kernel P_B(x_t | x_final)
+        terminal = torch.ones_like(rows.is_last)
+        reward_term = torch.zeros(len(rows), dtype=x_final.dtype, device=x_final.device)
+        spread = torch.zeros_like(reward_term)
+        for _ in range(self.lv_samples):
+            x_t = renoise.sample(torch.randn_like(x_final))
+            out = policy.eps(x_t, t, rows.cond, reference=False)
+            x_new = sched.forward_kernel(x_t, out, rows.step, self.eta).sample(torch.randn_like(x_final))
+            g = lookahead.grad_log_reward(x_new.detach(), t_next, rows.cond, terminal=terminal)
+            reward_term = reward_term - beta * _dot(g.detach().to(x_new), x_new)
+            spread = spread + mean_dims((x_new - x_final) ** 2).detach()
+        reward_term = reward_term / self.lv_samples
+        if self.trust_region:
+            eps, _ = self.policy_kernel(policy, rows)
+            tr = self.trust_region_term(eps, rows)
+        else:
+            tr = torch.zeros_like(reward_term)
+        residual = torch.zeros(len(batch), dtype=x_final.dtype, device=x_final.device)
+        residual[idx] = spread / self.lv_samples
+        loss = (reward_term + tr).mean()
+        metrics = {
+            "loss/total": float(loss.detach()),
+            "loss/reward": float(reward_term.detach().mean()),
+            "loss/trust_region": float(tr.detach().mean()),
             "residual/abs_mean": float(residual.abs().mean()),
         }
         return LossOutput(loss=loss, residual=residual, metrics=metrics)

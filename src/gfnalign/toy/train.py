@@ -73,8 +73,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                       "flow_loss": "exponential", "exp_clamp": 0.7},
         "updates": 1500, "batch_size": 256, "lr": 1e-3, "head_lr": 3e-3, "lookahead_model": "reference",
     },
+    # rloo_group 0: the toy's single-call update is one leave-one-out group (its measured setting; the
+    # authors' and the library's default is 8 trajectories at permuted steps per group)
     "dag-kl": {
-        "objective": {"fraction": 0.1, "stratified": True, "flow_gradient": "target", "target_ema": 0.1,
+        "objective": {"rloo_group": 0, "fraction": 0.1, "stratified": True, "flow_gradient": "target", "target_ema": 0.1,
                       "flow_loss": "exponential", "exp_clamp": 0.7},
         "updates": 1500, "batch_size": 256, "lr": 1e-3, "head_lr": 3e-3, "lookahead_model": "reference",
     },

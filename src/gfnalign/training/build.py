@@ -102,9 +102,23 @@ def build_reward(cfg: TrainConfig) -> Any:
 
 
 def build_prompts(cfg: TrainConfig) -> Any:
-    from gfnalign.rewards.prompts import load_prompts
+    return _load_prompt_spec(cfg.prompts)
 
-    spec = cfg.prompts
+
+def _load_prompt_spec(spec: Any) -> Any:
+    """A name / path, a mapping with split options, or ``{"sets": [spec, ...]}`` (concatenated in order,
+    each with its own split: the HPSv2 paper's photo + paintings with 10 held out per style)."""
+    from gfnalign.rewards.prompts import PromptSet, load_prompts
+
+    if isinstance(spec, dict) and "sets" in spec:
+        extra = sorted(set(spec) - {"sets", "name"})
+        if extra or not isinstance(spec["sets"], list) or not spec["sets"]:
+            raise ValueError(f"prompts={spec!r}: a union is {{'sets': [spec, ...], 'name': optional}} with at least "
+                             f"one spec{'; unknown keys: ' + ', '.join(extra) if extra else ''}")
+        parts = [_load_prompt_spec(part) for part in spec["sets"]]
+        cats = [c for p in parts for c in (p.categories or (None,) * len(p))]
+        return PromptSet(spec.get("name") or "+".join(p.name for p in parts), tuple(x for p in parts for x in p.prompts),
+                         tuple(cats) if any(c is not None for c in cats) else None)
     if isinstance(spec, dict):  # {"path": FILE, "skip_first_per_category": 2, ...}: the papers' held-out splits
         options = dict(spec)
         source = options.pop("path", None) or options.pop("name", None)
@@ -183,7 +197,8 @@ def build_objective(cfg: TrainConfig, backbone: Any) -> Any:
     if cfg.backbone.heads == "backbone":
         for kwarg, maker in (("log_flow_head", "make_log_flow_head"), ("flow_score_head", "make_flow_score_head")):
             if kwarg in accepted and kwarg not in options and hasattr(backbone, maker):
-                options[kwarg] = getattr(backbone, maker)()
+                layout = {"layout": cfg.backbone.log_flow_head} if kwarg == "log_flow_head" else {}
+                options[kwarg] = getattr(backbone, maker)(**layout)
     return _build(cfg.method.name, **options)
 
 

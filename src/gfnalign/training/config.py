@@ -69,6 +69,7 @@ class BackboneConfig:
     image_size: int | None = None  # pixels per side; None: the model's native size (UNet sample_size x VAE factor)
     # sd3 / flux: T5 tokens per prompt; None: the family's default (SD3 256, FLUX 512)
     max_sequence_length: int | None = None
+    log_flow_head: str = "compact"  # with heads: backbone: compact (ours, ~0.3 M) | dag (the DAG authors' ~6.5 M net)
 
 
 @dataclass
@@ -477,6 +478,8 @@ register_rule("backbone.kind", lambda v: v in BACKBONE_KINDS, f"one of: {', '.jo
 register_rule("backbone.dtype", lambda v: v in DTYPES, f"one of: {', '.join(DTYPES)}")
 register_rule("backbone.heads", lambda v: v in ("backbone", "generic"), "one of: backbone, generic")
 register_rule("backbone.max_sequence_length", lambda v: 0 < v <= 512, "an int in 1..512 (T5 tokens) or null")
+register_rule("backbone.log_flow_head", lambda v: v in ("compact", "dag"),
+              "one of: compact (ours, ~0.3 M), dag (the DAG authors' ~6.5 M net)")
 register_rule("backbone.lora_rank", _ge0, ">= 0 (> 0 unless backbone.full_finetune: true)")
 register_rule("backbone.lora_targets", lambda v: all(isinstance(x, str) and x.strip() for x in v),
               "a list of module names such as [to_q, to_k, to_v, to_out.0]")
@@ -602,6 +605,9 @@ def _check_backbone(cfg: TrainConfig) -> None:
             raise ConfigError(f"backbone.max_sequence_length={b.max_sequence_length!r} is not allowed for "
                               f"backbone.kind={b.kind}: it sets the T5 prompt length of {' / '.join(FLOW_KINDS)}; "
                               "remove it")
+    if b.log_flow_head != "compact" and b.heads != "backbone":
+        raise ConfigError(f"backbone.log_flow_head={b.log_flow_head!r} sizes the backbone's head; it needs "
+                          f"backbone.heads: backbone (got {b.heads!r})")
     if not b.full_finetune:
         if b.lora_rank <= 0:
             raise ConfigError(f"backbone.lora_rank={b.lora_rank!r} is not allowed; use > 0, or set "

@@ -18,10 +18,12 @@ Rewards take prompt strings, while objectives pass the encoded conditioning. The
 epoch's prompts with :meth:`RewardLookahead.set_prompts`; each conditioning row is matched back to its
 prompt by exact (else nearest) equality of the encoded tensors.
 
-``cache_trajectory`` implements ``lookahead: cached``: r(x0_hat) of every recorded state computed once
-at sampling time, from the x0_hat the rollout already produced (guided eps of the behaviour policy), or
-with one extra no-grad pass of the reference network per state when ``model: reference``. In ``recompute``
-mode (the authors' DAG code) the objectives call :meth:`log_reward` per transition with the current policy.
+``cache_transitions`` implements ``lookahead: cached``: after transition selection, r(x0_hat) of exactly
+the states the selected transitions hold (each once), from the x0_hat the rollout already produced
+(guided eps of the behaviour policy), or with one extra no-grad pass of the reference network per state
+when ``model: reference``. The trainer calls it only for objectives whose ``lookahead_reads`` include
+``"reward"``. In ``recompute`` mode (the authors' DAG code) the objectives call :meth:`log_reward` per
+transition with the current policy. ``cache_trajectory`` scores every recorded state (benchmarks, tests).
 
 Chunk sizes: every batched pass (x0_hat network, decode + reward, both with gradient, the cache and the
 trainer's terminal decode via :meth:`RewardLookahead.decode_chunked`) takes as many rows as fit in the
@@ -40,7 +42,7 @@ from typing import Any
 
 import torch
 
-from gfnalign.core.batches import TrajectoryBatch
+from gfnalign.core.batches import TrajectoryBatch, TransitionBatch
 from gfnalign.training.memory import MemoryBudget, enable_block_checkpointing, saved_bytes
 
 
@@ -328,28 +330,68 @@ class RewardLookahead:
 
     # -- lookahead: cached ----------------------------------------------------------------------------
     @torch.no_grad()
-    def cache_trajectory(self, traj: TrajectoryBatch) -> TrajectoryBatch:
-        """Fill ``traj.lookahead_reward`` ([B, K+1]) from the recorded states; the last column is the reward."""
-        B, K = traj.batch_size, traj.num_steps
+    def state_values(self, traj: TrajectoryBatch, row: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """r(x0_hat) ``[M]`` of the recorded states ``traj.states[row, slot]`` (slot K: the terminal state,
+        whose value is the trajectory's reward). With ``model: policy`` and ``guided`` x0_hat is the
+        rollout's own (from the recorded guided output, no network call); otherwise one no-grad pass per
+        state. Network passes and decode + reward passes are chunked within the memory budget."""
+        K = traj.num_steps
         schedule = self.backbone.schedule
-        prompts = traj.prompts or self.prompts_for(traj.cond, B)
-        values = torch.empty(B, K + 1, dtype=torch.float32, device=traj.states.device)
-        for k in range(K):
-            step = int(traj.steps[k])
-            x = traj.states[:, k]
-            if self.model == "policy" and self.guided:
-                steps = torch.full((B,), step, dtype=torch.int64, device=x.device)
-                x0 = schedule.predict_x0(x, traj.eps[:, k].to(x.dtype), steps)  # the rollout's own guided x0_hat
+        device = traj.states.device
+        row, slot = row.to(device), slot.to(device)
+        values = torch.empty(row.shape[0], dtype=torch.float32, device=device)
+        terminal = slot == K
+        values[terminal] = traj.reward.to(values)[row[terminal]]
+        live = (~terminal).nonzero().reshape(-1)
+        if live.numel() == 0:
+            return values
+        prompts = traj.prompts or self.prompts_for(traj.cond, traj.batch_size)
+        steps = traj.steps.to(device)
+        own_x0 = self.model == "policy" and self.guided
+
+        def inputs(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+            r, k = row[idx], slot[idx]
+            cond = None if traj.cond is None else traj.cond[r.to(traj.cond.device)]
+            return traj.states[r, k], steps[k], cond
+
+        x1, step1, cond1 = inputs(live[:1])
+        if own_x0:
+            outer = self.rows_image(x1, cond1)
+        else:
+            outer = self.rows_x0(x1, schedule.timesteps.to(device)[step1], cond1)
+        for s in range(0, live.shape[0], outer):
+            idx = live[s:s + outer]
+            x, step, cond = inputs(idx)
+            if own_x0:
+                x0 = schedule.predict_x0(x, traj.eps[row[idx], slot[idx]].to(x.dtype), step)  # the rollout's own
             else:
-                t = schedule.timesteps[step].repeat(B).to(x.device)
-                rows = self.rows_x0(x, t, traj.cond)
-                x0 = torch.cat([self._predict_x0(x[s:s + rows], t[s:s + rows],
-                                                 None if traj.cond is None else traj.cond[s:s + rows])
-                                for s in range(0, B, rows)])
-            rows = self.rows_image(x0, traj.cond)
-            for s in range(0, B, rows):
-                sl = slice(s, s + rows)
-                r = self.score_images(_at_least_fp32(self.decode(x0[sl])), prompts[sl])
-                values[sl, k] = torch.as_tensor(r, dtype=torch.float32, device=values.device).reshape(-1)
-        values[:, K] = traj.reward.to(values)
-        return replace(traj, lookahead_reward=values)
+                x0 = self._predict_x0(x, schedule.timesteps.to(device)[step], cond)
+            inner = self.rows_image(x0, cond)
+            for u in range(0, idx.shape[0], inner):
+                part = idx[u:u + inner]
+                out = self.score_images(_at_least_fp32(self.decode(x0[u:u + inner])),
+                                        [prompts[i] for i in row[part].tolist()])
+                values[part] = torch.as_tensor(out, dtype=torch.float32, device=device).reshape(-1)
+        return values
+
+    def cache_transitions(self, traj: TrajectoryBatch, batch: TransitionBatch) -> TransitionBatch:
+        """``lookahead: cached`` after transition selection: r(x0_hat) of exactly the states ``batch`` reads
+        (x_t of every row, x_next of every row; a state shared by two selected transitions is scored
+        once), filled into ``lookahead_reward_t`` / ``lookahead_reward_next``."""
+        K = traj.num_steps
+        pos = {int(tid): i for i, tid in enumerate(traj.traj_id.tolist())}
+        row = torch.tensor([pos[int(tid)] for tid in batch.traj_id.tolist()], dtype=torch.int64)
+        slot = batch.step.cpu().to(torch.int64) - int(traj.steps[0])
+        keys = torch.cat([row * (K + 1) + slot, row * (K + 1) + slot + 1])
+        unique, inverse = torch.unique(keys, return_inverse=True)
+        values = self.state_values(traj, unique // (K + 1), unique % (K + 1))
+        per_row = values[inverse.to(values.device)].to(batch.x_t.device)
+        n = len(batch)
+        return batch.with_fields(lookahead_reward_t=per_row[:n], lookahead_reward_next=per_row[n:])
+
+    def cache_trajectory(self, traj: TrajectoryBatch) -> TrajectoryBatch:
+        """``traj.lookahead_reward`` ([B, K+1]) of every recorded state; the last column is the reward."""
+        B, K = traj.batch_size, traj.num_steps
+        row = torch.arange(B).repeat_interleave(K + 1)
+        slot = torch.arange(K + 1).repeat(B)
+        return replace(traj, lookahead_reward=self.state_values(traj, row, slot).reshape(B, K + 1))

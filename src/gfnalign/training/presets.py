@@ -92,15 +92,28 @@ DEMO["training"]["epochs"] = 60
 DEMO["training"]["max_updates_per_epoch"] = 4
 
 # -- Stable Diffusion 1.5 ------------------------------------------------------------------------------
+# Prompt sets as in the authors' code (spec/nabla_gfn.md §7.2, spec/dag.md §6.2); the files are not shipped
+# (put them beside the config or give absolute paths). ImageReward: DrawBench minus the Misspellings and
+# Rare Words categories (183), minus the first 2 of each remaining category (held out): 165. HPSv2: the HPDv2
+# benchmark's photo and paintings styles (∇-GFlowNet's `hpd_photo_painting`), the first 10 of each held out:
+# 1 580.
+#
+# λ (trust region) of the ∇-GFlowNet presets: the values in the authors' code and README (aesthetic 2e3 from
+# the README run, HPSv2 1e2 from hpsv2.py, ImageReward 1e3, the code default). The camera-ready paper reports
+# 2000 / 5000 / 5000 (spec/nabla_gfn.md §7.5); we keep the code's values because they are the ones the
+# released configs ran. Override with method.options.trust_region.
 _SD_REWARDS: dict[str, dict[str, Any]] = {
     # reward spec, prompt set, DAG beta (reward_exp), nabla beta (reward_scale), nabla lambda, nabla batch x accum
     "aesthetic": {"reward": "aesthetic", "prompts": "animals", "dag_beta": 100.0, "nabla_beta": 1e4,
                   "nabla_lambda": 2e3, "nabla_micro": 4, "nabla_accum": 8},
-    "imagereward": {"reward": "imagereward", "prompts": {"path": "prompts/drawbench_prompts.json",
-                                                              "skip_first_per_category": 2}, "dag_beta": 100.0,
-                    "nabla_beta": 1e3, "nabla_lambda": 1e3, "nabla_micro": 4, "nabla_accum": 8},
-    "hpsv2": {"reward": "hpsv2", "prompts": {"path": "prompts/hpdv2_benchmark_photo_prompts.json", "skip_first": 10}, "dag_beta": 100.0,
-              "nabla_beta": 1e4, "nabla_lambda": 1e2, "nabla_micro": 2, "nabla_accum": 16},
+    "imagereward": {"reward": "imagereward",
+                    "prompts": {"path": "prompts/drawbench_prompts.json", "skip_first_per_category": 2,
+                                "exclude_categories": ["Misspellings", "Rare Words"]},
+                    "dag_beta": 100.0, "nabla_beta": 1e3, "nabla_lambda": 1e3, "nabla_micro": 4, "nabla_accum": 8},
+    "hpsv2": {"reward": "hpsv2",
+              "prompts": {"sets": [{"path": "prompts/hpdv2_benchmark_photo_prompts.json", "skip_first": 10},
+                                   {"path": "prompts/hpdv2_benchmark_paintings_prompts.json", "skip_first": 10}]},
+              "dag_beta": 100.0, "nabla_beta": 1e4, "nabla_lambda": 1e2, "nabla_micro": 2, "nabla_accum": 16},
     "jpeg-compressibility": {"reward": "jpeg-compressibility", "prompts": "animals", "dag_beta": 100.0,
                              "nabla_beta": 1e3, "nabla_lambda": 1e3, "nabla_micro": 4, "nabla_accum": 8},
 }
@@ -128,14 +141,18 @@ def sd15_preset(reward: str, method: str) -> dict[str, Any]:
         "reliability": {"max_nan_streak": 5, "on_bad_reward": "skip"},
     }
     if method in ("dag-db", "dag-kl"):  # spec/dag.md §5: 64 traj/GPU/epoch, micro 8 x (4 x 50 slots), 100 epochs
+        # the authors' forward-looking reward: recomputed per transition with the current θ and the
+        # conditional-only ε (no CFG); and their flow network (≈6.5 M parameters). docs/fidelity.md.
+        cfg["lookahead"] = {"mode": "recompute", "model": "policy", "guided": False}
+        cfg["backbone"]["log_flow_head"] = "dag"
         cfg["beta"] = {"value": r["dag_beta"], "schedule": "linear", "warmup_fraction": 0.5}
         cfg["training"] = {"epochs": 100, "micro_batch": 8, "grad_accum": 200, "lr": 3e-4, "lr_heads": 3e-4,
                            "weight_decay": 1e-4, "weight_decay_heads": 1e-4, "adam_betas": [0.9, 0.999],
                            "clip_norm": 1.0, "mixed_precision": "bf16"}
         # the authors' DAG code averages log-probs over the latent: keep β = 100 with that reduction
         opts: dict[str, Any] = {"trust_region": 1.0, "fraction": 1.0, "log_prob_reduction": "mean"}
-        if method == "dag-kl":
-            opts.update({"clip_range": 1e-4, "adv_clip": 5.0})
+        if method == "dag-kl":  # leave-one-out groups: the per-GPU micro-batch of 8 trajectories
+            opts.update({"clip_range": 1e-4, "adv_clip": 5.0, "rloo_group": 8})
         cfg["method"] = {"name": method, "options": opts}
     elif method in ("nabla-db", "residual-nabla-db"):  # spec/nabla_gfn.md §6.3: 6 transitions/traj, 200 updates
         cfg["backbone"]["lora_rank"], cfg["backbone"]["lora_alpha"] = 8, 8.0
@@ -143,8 +160,15 @@ def sd15_preset(reward: str, method: str) -> dict[str, Any]:
         cfg["training"] = {"epochs": 100, "micro_batch": r["nabla_micro"], "grad_accum": 6 * r["nabla_accum"],
                            "lr": 1e-3, "lr_heads": 1e-3, "weight_decay": 1e-4, "weight_decay_heads": 1e-2,
                            "adam_betas": [0.9, 0.999], "clip_norm": 1.0, "mixed_precision": "bf16"}
+        # lr 1e-3 with one AdamW step per update: the authors' code takes two steps per update (a bug,
+        # spec/nabla_gfn.md §6.3), ≈ 2e-3 early in training; set training.lr: 2.0e-3 to approximate it.
         cfg["method"] = {"name": method, "options": {"trust_region": r["nabla_lambda"], "fraction": 0.1,
                                                      "stratified": True, "gamma": "alpha_bar"}}
+        if method == "nabla-db":
+            # ∇-DB's forward residual carries a θ-free noise term κ_t·z (≈ 24 per element at SD's last steps):
+            # the antithetic control removes it from the policy gradient; the pretrained score as the flow's
+            # base leaves the head only the correction to learn (both keep the fixed point)
+            cfg["method"]["options"].update({"prior_score": True, "forward_control": "antithetic"})
     elif method == "ddpo":  # DDPO: 32 samples/GPU/epoch, 2 updates, clip 1e-4, lr 3e-4
         cfg["beta"] = {"value": 1.0, "schedule": "constant"}
         cfg["sampling"].update({"batch_size": 8, "batches_per_epoch": 4, "guidance_scale": 5.0,
@@ -152,8 +176,10 @@ def sd15_preset(reward: str, method: str) -> dict[str, Any]:
         cfg["training"] = {"epochs": 100, "micro_batch": 8, "grad_accum": 100, "lr": 3e-4, "lr_heads": 3e-4,
                            "weight_decay": 1e-4, "adam_betas": [0.9, 0.999], "clip_norm": 1.0,
                            "mixed_precision": "bf16"}
+        # ddpo-pytorch's per-prompt stat tracker: 16 rewards per prompt across epochs, gathered over processes
         cfg["method"] = {"name": "ddpo", "options": {"clip_range": 1e-4, "adv_clip": 5.0, "fraction": 1.0,
-                                                     "log_prob_reduction": "mean"}}
+                                                     "log_prob_reduction": "mean", "per_prompt_buffer": 16,
+                                                     "per_prompt_min_count": 16}}
     elif method == "reward-backprop":  # DRaFT-LV as the ∇-GFlowNet baseline
         cfg["beta"] = {"value": 1.0, "schedule": "constant"}
         cfg["training"] = {"epochs": 100, "micro_batch": 4, "grad_accum": 8, "lr": 1e-4, "lr_heads": 1e-4,

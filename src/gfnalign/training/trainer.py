@@ -6,9 +6,9 @@ One epoch (DESIGN.md §9)::
     reseed torch/python/numpy from (seed, rank, epoch)          # per-rank seeds differ
     for each of `batches_per_epoch` batches: draw prompts (whole groups of `images_per_prompt` per epoch),
         encode, rollout (no grad), decode, reward
-        (lookahead: cached -> r(x0_hat) of every state, once)
+    traj = objective.prepare(traj, collective); shuffle; batch = objective.select_transitions(traj, generator)
+    lookahead: cached and "reward" in objective.lookahead_reads -> r(x0_hat) of the selected states, once each
     any NaN/inf reward or RewardOutputError on any rank -> the epoch's updates are skipped and counted
-    traj = objective.prepare(traj); batch = objective.select_transitions(traj, generator); shuffle
     for each update: for each of `grad_accum` micro-batches (all but the last under accelerator.no_sync):
         loss = engine(lambda: objective(mb, policy, lookahead, beta)); accelerator.backward(loss / n_micro)
         clip each parameter group separately, AdamW step
@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from gfnalign.core.batches import TrajectoryBatch, TransitionBatch
+from gfnalign.objectives.base import Collective
 from gfnalign.rewards.base import RewardOutputError
 from gfnalign.training import checkpoint as ckpt
 from gfnalign.training.build import Components, build_components
@@ -194,6 +195,8 @@ class Trainer:
         self.rank = acc.process_index
         self.world = acc.num_processes
         self.is_main = acc.is_main_process
+        # what objectives see of the other processes for epoch statistics (DDPO's reward normalisation)
+        self.collective = Collective(rank=self.rank, world=self.world, gather=self._gather)
 
         resume_from = ckpt.resolve_resume(self.run_dir, self.resume) if self.resume else None
         if self.resume and resume_from is None and self.is_main:
@@ -432,20 +435,25 @@ class Trainer:
             if r is None:
                 return None, {"perf/sample_s": time.perf_counter() - t0}
             traj = replace(traj, reward=r.to(traj.states.device))
-            if self.cfg.lookahead.mode == "cached":
-                self.lookahead.set_prompts(traj.cond, texts)
-                try:
-                    traj = self._in_engine(lambda traj=traj: self.lookahead.cache_trajectory(traj))
-                except Exception as err:
-                    if type(err).__name__ == "RewardOutputError" or isinstance(err, ValueError):
-                        self._last_reward_error = f"{type(err).__name__} in the cached lookahead: {err}"
-                        return None, {"perf/sample_s": time.perf_counter() - t0}
-                    raise
-                if not _finite(traj.lookahead_reward):
-                    self._last_reward_error = "the cached lookahead reward r(x0_hat) is NaN/inf"
-                    return None, {"perf/sample_s": time.perf_counter() - t0}
             parts.append(traj)
         return cat_trajectories(parts), {"perf/sample_s": time.perf_counter() - t0}
+
+    def cache_lookahead(self, traj: TrajectoryBatch, batch: TransitionBatch) -> TransitionBatch | None:
+        """``lookahead: cached``: r(x0_hat) of the selected transitions' states, only when the objective reads
+        it (``objective.lookahead_reads``); None when the reward failed there (the epoch is skipped)."""
+        if self.cfg.lookahead.mode != "cached" or "reward" not in self.objective.lookahead_reads:
+            return batch
+        try:
+            batch = self._in_engine(lambda: self.lookahead.cache_transitions(traj, batch))
+        except Exception as err:
+            if type(err).__name__ == "RewardOutputError" or isinstance(err, ValueError):
+                self._last_reward_error = f"{type(err).__name__} in the cached lookahead: {err}"
+                return None
+            raise
+        if not (_finite(batch.lookahead_reward_t) and _finite(batch.lookahead_reward_next)):
+            self._last_reward_error = "the cached lookahead reward r(x0_hat) is NaN/inf"
+            return None
+        return batch
 
     # ---------------------------------------------------------------------------------------------
     # one optimiser update
@@ -918,6 +926,29 @@ class Trainer:
                     raise RewardUnavailableError(f"epoch {epoch}: {err}; checkpoint saved, continue with "
                                                  "--resume latest once the reward is reachable") from None
                 bad = self._all_max(1.0 if traj is None else 0.0)
+                batch = None
+                if not bad:
+                    epoch_metrics.update(self._epoch_reward_metrics(traj))
+                    epoch_metrics.update({"nfe/sample_unet": float(self.counters.unet + self.counters.unet_reference),
+                                          "nfe/sample_decode": float(self.counters.decode),
+                                          "nfe/sample_reward": float(self.counters.reward)})
+                    self.lookahead.set_prompts(traj.cond, traj.prompts or [""] * traj.batch_size)
+                    traj = self.objective.prepare(traj, self.collective)
+                    sel_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "select", self.rank, epoch))
+                    # shuffle whole trajectories (objectives may rely on the row order within one trajectory)
+                    traj = traj.index(torch.randperm(traj.batch_size, generator=sel_gen).to(traj.states.device))
+                    batch = self.objective.select_transitions(traj, sel_gen)
+                    self.counters.reset()
+                    try:
+                        batch = self.cache_lookahead(traj, batch)
+                    except RewardUnavailableError as err:
+                        self.save_checkpoint()  # at the start of this epoch: a resume samples it again
+                        raise RewardUnavailableError(f"epoch {epoch}: {err} (cached lookahead); checkpoint saved, "
+                                                     "continue with --resume latest once the reward is reachable") from None
+                    epoch_metrics.update({"nfe/lookahead_unet": float(self.counters.unet + self.counters.unet_reference),
+                                          "nfe/lookahead_decode": float(self.counters.decode),
+                                          "nfe/lookahead_reward": float(self.counters.reward)})
+                    bad = self._all_max(1.0 if batch is None else 0.0)
                 if bad:
                     msg = getattr(self, "_last_reward_error", "a reward on another rank was bad")
                     if cfg.reliability.on_bad_reward == "stop":
@@ -932,16 +963,6 @@ class Trainer:
                     if self._after_epoch():
                         return True
                     continue
-                epoch_metrics.update(self._epoch_reward_metrics(traj))
-                epoch_metrics.update({"nfe/sample_unet": float(self.counters.unet + self.counters.unet_reference),
-                                      "nfe/sample_decode": float(self.counters.decode),
-                                      "nfe/sample_reward": float(self.counters.reward)})
-                self.lookahead.set_prompts(traj.cond, traj.prompts or [""] * traj.batch_size)
-                traj = self.objective.prepare(traj)
-                sel_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "select", self.rank, epoch))
-                # shuffle whole trajectories (objectives may rely on the row order within one trajectory)
-                traj = traj.index(torch.randperm(traj.batch_size, generator=sel_gen).to(traj.states.device))
-                batch = self.objective.select_transitions(traj, sel_gen)
                 updates = self._split(batch)
                 n_up = int(self._all_min(float(len(updates))))
                 updates = updates[:n_up]
