@@ -567,11 +567,13 @@ class LatentDiffusionBackbone(nn.Module):
         self.load_trainable_state_dict(state)
 
     # -- heads ----------------------------------------------------------------------------------------------------
-    def make_log_flow_head(self, channels: Sequence[int] = (32, 64)) -> nn.Module:
-        """A scalar log-flow head ``f(x [N,C,h,w], t [N], cond [N,L,D]) -> [N]`` (float32, output starts at 0)."""
+    def make_log_flow_head(self, channels: Sequence[int] = (32, 64), layout: str = "compact") -> nn.Module:
+        """A scalar log-flow head ``f(x [N,C,h,w], t [N], cond [N,L,D]) -> [N]`` (float32 output). ``layout``:
+        ``"compact"`` (ours, output starts at 0) or ``"dag"`` (the DAG authors' ≈6.5 M network); see
+        :class:`~gfnalign.backbones.latent_heads.LogFlowHead`."""
         from gfnalign.backbones.latent_heads import LogFlowHead
 
-        return LogFlowHead(self.latent_shape, self.cond_dim, tuple(channels)).to(self.device)
+        return LogFlowHead(self.latent_shape, self.cond_dim, tuple(channels), layout=layout).to(self.device)
 
     def make_flow_score_head(self, channels: Sequence[int] = (32, 64)) -> nn.Module:
         """A flow-score head ``g(x, t, cond) -> like x`` (a small conditional UNet, output conv zero-initialised)."""
