@@ -106,8 +106,9 @@ def test_train_sigterm_resume_and_sample(pipeline, tmp_path):
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun not installed")
-# dag-db with a target network runs on two processes in test_engines.py (resume and equivalence)
-@pytest.mark.parametrize(("method", "options"), [("residual-nabla-db", {})])
+# dag-db with a target network runs on two processes in test_engines.py (resume and equivalence); ddpo's stat
+# tracker updates on rewards gathered from both processes and must stay identical on both
+@pytest.mark.parametrize(("method", "options"), [("residual-nabla-db", {}), ("ddpo", {"per_prompt_min_count": 2})])
 def test_two_process_cpu_run_keeps_ranks_identical(pipeline, tmp_path, method, options):
     cfg = tiny_config(pipeline, method, options, training={"epochs": 1, "max_updates_per_epoch": 1})
     config = _write(cfg, tmp_path / "cfg.yaml")
