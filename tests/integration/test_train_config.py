@@ -79,7 +79,14 @@ def test_sdxl_presets_are_the_sd15_methods_at_1024px_with_equal_budgets():
         xl, sd = presets[name], presets["sd15-" + name[len("sdxl-"):]]
         b = xl["backbone"]
         assert (b["kind"], b["image_size"], b["dtype"], b["gradient_checkpointing"]) == ("sdxl", 1024, "bfloat16", True)
-        assert xl["method"] == sd["method"] and xl["beta"] == sd["beta"] and xl["reward"] == sd["reward"]
+        xl_opts, sd_opts = dict(xl["method"]["options"]), dict(sd["method"]["options"])
+        if "rloo_group" in sd_opts:  # DAG-KL: the leave-one-out group is the per-GPU micro-batch (the authors')
+            assert xl_opts.pop("rloo_group") == xl["training"]["micro_batch"]
+            assert sd_opts.pop("rloo_group") == sd["training"]["micro_batch"]
+        assert xl["method"]["name"] == sd["method"]["name"] and xl_opts == sd_opts
+        assert xl["beta"] == sd["beta"] and xl["reward"] == sd["reward"]
+        # the faithful choices of the SD1.5 presets carry over (DAG lookahead and flow network)
+        assert xl["lookahead"] == sd["lookahead"] and b.get("log_flow_head") == sd["backbone"].get("log_flow_head")
         assert xl["training"]["lr"] == sd["training"]["lr"] and xl["training"]["epochs"] == sd["training"]["epochs"]
         s_xl, s_sd = xl["sampling"], sd["sampling"]
         assert s_xl["batch_size"] * s_xl["batches_per_epoch"] == s_sd["batch_size"] * s_sd["batches_per_epoch"]

@@ -26,6 +26,9 @@ RUNS = [
     ("ddpo", {"fraction": 0.5}, "sdxl"),
     ("reward-backprop", {"variant": "draft-k", "k": 1}, "sdxl"),
 ]
+# the sdxl-* DAG presets' faithful choices: the authors' flow network and their recomputed, unguided lookahead
+DAG_PRESET = {"backbone": {"log_flow_head": "dag"},
+              "lookahead": {"mode": "recompute", "model": "policy", "guided": False}}
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +40,11 @@ def sdxl_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(("method", "options", "kind"), RUNS, ids=[r[0] for r in RUNS])
 def test_gfnalign_train_runs_each_method_family_on_sdxl(method, options, kind, sdxl_dir, tmp_path):
+    faithful = DAG_PRESET if method.startswith("dag") else {"backbone": {}}
     cfg = tiny_config(sdxl_dir, method, options,
                       backbone={"kind": kind, "path": str(sdxl_dir), "lora_rank": 2, "lora_alpha": 2.0,
-                                "heads": "backbone"},
+                                "heads": "backbone", **faithful["backbone"]},
+                      **({"lookahead": faithful["lookahead"]} if "lookahead" in faithful else {}),
                       prompts="animals",
                       sampling={"num_steps": 2, "guidance_scale": 2.0, "batch_size": 2, "batches_per_epoch": 1},
                       training={"epochs": 1, "micro_batch": 2, "max_updates_per_epoch": 1, "lr": 0.05})

@@ -282,3 +282,14 @@ def test_refl():
     (-BETA * r(x0).mean()).backward()  # ⟨∇r(x̂0), x̂0_θ⟩ has the gradient of r(x̂0_θ)
     for g, p in zip(g_obj, pol.parameters(), strict=True):
         assert torch.allclose(g, p.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_lookahead_reads_of_every_registered_objective():
+    """Only the forward-looking DAG objectives read the cached r(x̂0); every other objective (the baselines,
+    the ∇ objectives, which use ∇r, and rtb) reads none, so the trainer does no lookahead work for them."""
+    from gfnalign.objectives.base import REGISTRY
+
+    reads = {name: build_objective(name, state_shape=(2,)).lookahead_reads for name in sorted(REGISTRY)}
+    assert {n for n, r in reads.items() if r} == {"dag-db", "dag-kl"}
+    assert reads["dag-db"] == reads["dag-kl"] == frozenset({"reward"})
+    assert build_objective("dag-db", state_shape=(2,), forward_looking=False).lookahead_reads == frozenset()

@@ -130,3 +130,37 @@ def test_grpo_rejects_bad_options():
         build_objective("grpo", kl_form="forward")
     with pytest.raises(ValueError, match="kl_beta"):
         build_objective("grpo", kl_beta=-1)
+
+
+def test_grpo_groups_span_processes():
+    """Two processes, prompts shared between them: each rank's advantages are (r − mean)/(std + 1e-4) over
+    the prompt's samples on *both* ranks (flow_grpo gathers before grouping), sliced to that rank."""
+    import threading
+
+    from tests.unit.test_objectives_baselines import _traj, _two_process_collectives
+
+    obj = build_objective("grpo")
+    assert obj.lookahead_reads == frozenset()  # terminal rewards only: the trainer caches no lookahead
+    collectives = _two_process_collectives()
+    g = torch.Generator().manual_seed(5)
+    ids = [torch.tensor([0, 1, 2, 0]), torch.tensor([1, 0, 2, 2])]
+    rewards = [torch.randn(4, generator=g) * 3 for _ in range(2)]
+    out = [None, None]
+
+    def run(r):
+        out[r] = obj.prepare(_traj(rewards[r], ids[r]), collectives[r]).advantage
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    all_r, all_id = torch.cat(rewards).double(), torch.cat(ids)
+    for r in (0, 1):
+        for i in range(4):
+            group = all_r[all_id == ids[r][i]]
+            expect = (float(rewards[r][i]) - group.mean()) / (group.std(unbiased=False) + 1e-4)
+            assert abs(float(out[r][i]) - float(expect)) < 1e-5, (r, i)
+    # one process alone groups only its own samples (prompt 1 has one sample on rank 0: advantage 0)
+    alone = obj.prepare(_traj(rewards[0], ids[0])).advantage
+    assert float(alone[1]) == 0.0 and abs(float(out[0][1])) > 0

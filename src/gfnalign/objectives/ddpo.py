@@ -110,6 +110,7 @@ class DDPO(TransitionObjective):
     default_reduction = "mean"
     needs_reward_gradient = False
     needs_reference = False
+    lookahead_reads: frozenset[str] = frozenset()  # terminal rewards only: no lookahead work
 
     def __init__(
         self,

@@ -11,7 +11,7 @@ import torch
 
 from gfnalign.core.batches import TrajectoryBatch, TransitionBatch
 from gfnalign.core.protocols import Lookahead, PolicyModel
-from gfnalign.objectives.base import LossOutput, register
+from gfnalign.objectives.base import SINGLE_PROCESS, Collective, LossOutput, register
 from gfnalign.objectives.common import (
     TransitionObjective,
     approx_kl,
@@ -47,8 +47,9 @@ def group_advantages(
 class GRPO(TransitionObjective):
     r"""Flow-GRPO: PPO-clip on per-step log-probabilities with group-normalised advantages and a KL penalty.
 
-    ``prepare(traj)`` sets ``traj.advantage`` = (r − mean_group)/(std + 1e-4), the group being the samples
-    of one prompt in the epoch (``global_std``: the std of every reward). Per transition::
+    ``prepare(traj, collective)`` sets ``traj.advantage`` = (r − mean_group)/(std + 1e-4), the group being the
+    samples of one prompt in the epoch on every process (rewards and prompt ids are gathered first, as
+    flow_grpo does; ``global_std``: the std of every reward). Per transition::
 
         A = clip(advantage, −adv_clip, adv_clip)
         ρ = exp(log P_F^θ(x_next|x_t) − log P_F^old)
@@ -83,6 +84,7 @@ class GRPO(TransitionObjective):
     default_reduction = "mean"
     needs_reward_gradient = False
     needs_reference = False
+    lookahead_reads: frozenset[str] = frozenset()  # terminal rewards only: no lookahead work
 
     def __init__(self, *, clip_range: float = 1e-4, adv_clip: float = 5.0, kl_beta: float = 0.0,
                  kl_form: str = "flow_grpo", global_std: bool = False, **common: Any):
@@ -97,8 +99,13 @@ class GRPO(TransitionObjective):
         # instance attribute: the trainer reads the flag from the built objective
         self.needs_reference = self.kl_beta > 0
 
-    def prepare(self, traj: TrajectoryBatch) -> TrajectoryBatch:
-        return replace(traj, advantage=group_advantages(traj.reward, traj.prompt_id, global_std=self.global_std))
+    def prepare(self, traj: TrajectoryBatch, collective: Collective = SINGLE_PROCESS) -> TrajectoryBatch:
+        # flow_grpo gathers every process's rewards and prompts before grouping, so a prompt's group holds
+        # all of its samples of the epoch wherever they were drawn
+        all_reward = collective.gather(traj.reward.detach().to(torch.float64))
+        all_ids = collective.gather(traj.prompt_id.detach().to(torch.int64))
+        adv = group_advantages(all_reward, all_ids, global_std=self.global_std)
+        return replace(traj, advantage=collective.own_rows(adv).to(device=traj.reward.device, dtype=traj.reward.dtype))
 
     def kl_term(self, kernel: Any, kernel_ref: Any, policy: PolicyModel, batch: TransitionBatch) -> torch.Tensor:
         """[N] the KL penalty of the step (see the class docstring), gradient through μ_θ only."""

@@ -65,6 +65,7 @@ class RewardBackprop(TransitionObjective):
     name = "reward-backprop"
     needs_reward_gradient = True
     needs_reference = False
+    lookahead_reads: frozenset[str] = frozenset()  # ∇r at its own re-generated states, never a cached value
 
     def __init__(
         self,

@@ -204,7 +204,10 @@ def sdxl_preset(reward: str, method: str) -> dict[str, Any]:
     """The SD1.5 preset of ``(reward, method)`` moved to SDXL base at 1024 px.
 
     Same objective, options, β, learning rates and epochs, and the same trajectories per epoch and
-    transitions per optimiser step (smaller sampling and micro-batches, more of them). Memory: frozen weights
+    transitions per optimiser step (smaller sampling and micro-batches, more of them). The faithful choices
+    of the SD1.5 presets carry over (DAG: the authors' recomputed, unguided policy lookahead and flow network;
+    DDPO: the per-prompt stat tracker; ∇-DB: ``prior_score`` and the antithetic control); DAG-KL's
+    leave-one-out group stays the per-GPU micro-batch, as the authors' (2 here). Memory: frozen weights
     in bf16, LoRA in fp32, gradient checkpointing on (docs/sdxl.md). With ``log_prob_reduction: mean`` β means
     what it means for SD1.5; with ``sum`` the latent has D = 4·128·128 = 65536 dimensions (4× SD1.5's).
     The values are the SD1.5 papers' and were not tuned for SDXL.
@@ -220,6 +223,10 @@ def sdxl_preset(reward: str, method: str) -> dict[str, Any]:
     per_step = training["micro_batch"] * training["grad_accum"]
     training["micro_batch"] = min(_SDXL_MICRO[method], training["micro_batch"])
     training["grad_accum"] = -(-per_step // training["micro_batch"])
+    if method == "dag-kl":
+        # the authors' leave-one-out group is the per-GPU micro-batch; a group is cut at each micro-batch
+        # (dag_kl.rloo_groups), so it follows SDXL's smaller one
+        cfg["method"]["options"]["rloo_group"] = training["micro_batch"]
     return cfg
 
 
