@@ -186,3 +186,7 @@ def test_flow_presets_mirror_flow_grpo():
     assert presets["sd35m-clip-score-grpo"]["method"]["options"]["kl_beta"] == 0.02
     assert presets["sd35m-jpeg-compressibility-grpo"]["method"]["options"]["kl_beta"] == 0.0
     assert presets["flux1-aesthetic-dag-db"]["method"]["options"]["relative"] is True
+    for model in ("sd35m", "flux1"):  # the DAG authors' lookahead and flow network, as the sd15/sdxl presets
+        dag = presets[f"{model}-aesthetic-dag-db"]
+        assert dag["lookahead"] == {"mode": "recompute", "model": "policy", "guided": False}
+        assert dag["backbone"]["log_flow_head"] == "dag"

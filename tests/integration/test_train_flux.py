@@ -50,7 +50,10 @@ def test_flux_trains_through_the_trainer_and_its_lora_changes_the_pipeline(metho
 
     # one prompt: grpo's groups are per prompt, and a group of one has advantage 0
     (tmp_path / "prompts.txt").write_text("a handwritten digit seven\n")
-    cfg = _cfg(flux_folder, method, options)
+    # dag-db with the flux1-* presets' DAG choices: the authors' flow network and recomputed, unguided lookahead
+    dag = {"backbone": {"heads": "backbone", "log_flow_head": "dag"},
+           "lookahead": {"mode": "recompute", "model": "policy", "guided": False}} if method == "dag-db" else {}
+    cfg = _cfg(flux_folder, method, options, **dag)
     cfg = TrainConfig.from_dict({**cfg.to_dict(), "prompts": str(tmp_path / "prompts.txt")})
     run = tmp_path / "run"
     assert Trainer(cfg, run).train() == 0

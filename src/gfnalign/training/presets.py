@@ -275,8 +275,10 @@ def flow_preset(model: str, reward: str, method: str) -> dict[str, Any]:
     Flow-GRPO draws 48 prompts per epoch over 32 GPUs, so scale ``sampling.batches_per_epoch`` or the process
     count for its prompt throughput. Two optimiser steps per epoch (its ``gradient_accumulation_steps`` =
     half the sampling batches), every step of every trajectory trained (its ``timestep_fraction=0.99`` trains
-    ⌊0.99·K⌋ = K − 1 of K steps). Not mirrored: its EMA of the LoRA, separate evaluation step counts
-    (SD3.5: 40, FLUX: 28), and statistics gathered over all processes (here per process).
+    ⌊0.99·K⌋ = K − 1 of K steps); grpo's groups gather every process's rewards, as Flow-GRPO's. Not
+    mirrored: its EMA of the LoRA and separate evaluation step counts (SD3.5: 40, FLUX: 28). The GFlowNet
+    methods take the SD1.5 preset's faithful choices too (DAG-DB: the authors' recomputed, unguided
+    lookahead and flow network).
     """
     m = FLOW_MODELS[model]
     per_epoch = 2 * FLOW_GROUP
@@ -313,6 +315,8 @@ def flow_preset(model: str, reward: str, method: str) -> dict[str, Any]:
     options = copy.deepcopy(sd["method"]["options"])
     if method == "dag-db":
         options["relative"] = True  # p_#-sampler·exp(β·r): the prior kept (README "What each method samples")
+        cfg["lookahead"] = copy.deepcopy(sd["lookahead"])  # the DAG authors' recomputed, unguided lookahead
+        cfg["backbone"]["log_flow_head"] = sd["backbone"]["log_flow_head"]  # and their flow network
     cfg["method"] = {"name": method, "options": options}
     cfg["training"]["lr"] = cfg["training"]["lr_heads"] = sd["training"]["lr"]
     # two optimiser steps over the transitions the objective selects (residual ∇-DB trains a tenth of them)
