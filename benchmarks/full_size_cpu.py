@@ -67,6 +67,16 @@ def start_watchdog(limit_bytes: int, interval_s: float = 0.1) -> None:
     threading.Thread(target=watch, name="rss-watchdog", daemon=True).start()
 
 
+def phase(name: str) -> None:
+    """Say on stderr which phase starts (a run the watchdog kills reports the phase it was in)."""
+    print(f"full_size_cpu: phase {name} (peak RSS so far {peak_rss_gb():.2f} GB)", file=sys.stderr, flush=True)
+
+
+def reward_modules(reward: Any) -> list[Any]:
+    modules = getattr(reward, "modules", None)
+    return list(modules().values()) if callable(modules) else []
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
@@ -80,6 +90,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     from throughput import Harness
 
     from gfnalign.backbones.sd import StableDiffusionBackbone
+    from gfnalign.training.memory import MemoryBudget, parts, update_rows
 
     method = args.methods
     device = torch.device("cpu")
@@ -95,19 +106,34 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     h = Harness(cfg, device, backbone=backbone, reward=reward)
     build_s = time.perf_counter() - t0
     rss_built = peak_rss_gb()
+    phase("sample")
 
     t0 = time.perf_counter()
     traj = h.sample(args.batch)
     sample_s = time.perf_counter() - t0
     rows_sample = h.probe.snapshot()
     h.probe.reset()
+    rss_sampled = peak_rss_gb()
+    phase("update")
 
     t0 = time.perf_counter()
     batch = h.objective.select_transitions(traj, h.generator)
     n = min(len(batch), cfg["training"]["micro_batch"])
     mb = batch.index(torch.arange(n))
-    out = h.objective(mb, h.backbone, h.lookahead, beta=h.cfg.beta.value)
-    out.loss.backward()
+
+    def loss_of(part: Any) -> Any:
+        return h.objective(part, h.backbone, h.lookahead, beta=h.cfg.beta.value).loss
+
+    # as the trainer: the micro-batch is backpropagated in parts that fit the memory budget
+    budget = getattr(h.lookahead, "memory", None) or MemoryBudget(None)
+    resident = [m for m in (h.backbone, h.objective, *reward_modules(reward)) if isinstance(m, torch.nn.Module)]
+    part_rows = update_rows(h.objective, mb, loss_of, budget, resident)
+    losses = []
+    for part in parts(mb, part_rows):
+        loss = loss_of(part) * (len(part) / n)
+        loss.backward()
+        losses.append(float(loss.detach()))
+        del loss
     h.optimizer.step()
     h.optimizer.zero_grad(set_to_none=True)
     update_s = time.perf_counter() - t0
@@ -116,10 +142,11 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "method": method, "resolution": args.resolution, "steps": args.steps, "batch": args.batch,
         "transitions": n, "terminal_transitions": int(mb.is_last.sum()), "build_s": build_s,
-        "sample_s": sample_s, "update_s": update_s, "loss": float(out.loss.detach()),
+        "sample_s": sample_s, "update_s": update_s, "loss": sum(losses),
+        "update_part_transitions": min(part_rows, n), "memory": budget.describe(),
         "rows_per_transition": per_transition,
         "rows_sample": {k: c["grad"] + c["nograd"] for k, c in rows_sample.items()},
-        "peak_rss_gb": peak_rss_gb(), "rss_after_build_gb": rss_built,
+        "peak_rss_gb": peak_rss_gb(), "rss_after_build_gb": rss_built, "peak_rss_after_sample_gb": rss_sampled,
     }
 
 
@@ -163,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         if proc.returncode == 0:
             row = json.loads(proc.stdout.strip().splitlines()[-1])
         else:
-            err = "RSS limit" if proc.returncode == KILLED else f"exit {proc.returncode}: {proc.stderr.strip()[-400:]}"
+            phases = [ln for ln in proc.stderr.splitlines() if ln.startswith("full_size_cpu: phase")]
+            where = f" in {phases[-1].removeprefix('full_size_cpu: ')}" if phases else ""
+            err = (f"RSS limit{where}" if proc.returncode == KILLED
+                   else f"exit {proc.returncode}: {proc.stderr.strip()[-400:]}")
             row = {"method": m, "resolution": args.resolution, "error": err}
         row["wall_s"] = time.perf_counter() - t0
         rows.append(row)

@@ -171,3 +171,56 @@ def test_lookahead_chunks_follow_the_memory_budget_and_give_the_unchunked_result
     assert whole.enable_checkpointing(decoder=True, reward=False)["decoder"] > 0
     torch.testing.assert_close(whole.grad_log_reward(x, t, cond, terminal=terminal),
                                single.grad_log_reward(x, t, cond, terminal=terminal), rtol=1e-10, atol=1e-12)
+
+
+SEPARABLE = [("dag-db", {}), ("dag-db", {"relative": True, "policy_loss": "forward_kl", "flow_loss": "exponential", "flow_gradient": "target"}), ("ddpo", {}),
+             ("grpo", {"kl_beta": 0.04}), ("nabla-db", {}), ("residual-nabla-db", {})]
+
+
+@pytest.mark.parametrize(("method", "options"), SEPARABLE)
+def test_an_update_cut_into_parts_by_the_memory_budget_has_the_uncut_gradient(world, method, options):
+    """The trainer backpropagates a micro-batch in parts (memory.update_rows), each part's mean loss weighted by
+    its share: for an objective that declares ``transition_separable`` the gradient is the uncut one."""
+    from gfnalign.training.memory import MemoryBudget, parts, update_rows
+
+    bb, reward, traj = world
+    obj = build_objective(method, state_shape=bb.latent_shape, fraction=1.0, trust_region=0.5, **options).to(DT)
+    assert obj.transition_separable
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in obj.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=DT))
+    batch = obj.select_transitions(obj.prepare(traj))
+    la = RewardLookahead(bb, reward, model="reference", guided=True)
+    la.set_prompts(traj.cond, traj.prompts)
+    params = bb.trainable_parameters() + list(obj.parameters())
+
+    def loss_of(part):
+        return obj(part, bb, la, beta=2.0).loss
+
+    def grads(rows):
+        for p in params:
+            p.grad = None
+        for part in parts(batch, rows):
+            (loss_of(part) * (len(part) / len(batch))).backward()
+        return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+
+    assert update_rows(obj, batch, loss_of, MemoryBudget(1e3)) == len(batch) == 6
+    assert update_rows(obj, batch, loss_of, MemoryBudget(1e-9)) == 1
+    whole, single, pairs = grads(len(batch)), grads(1), grads(4)  # 4: parts of 4 and 2
+    assert sum(float(g.abs().sum()) for g in whole) > 0
+    for a, b, c in zip(whole, single, pairs, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-12)
+
+
+def test_objectives_with_coupled_transitions_are_never_cut(world):
+    from gfnalign.training.memory import WHOLE, MemoryBudget, update_rows
+
+    bb, _, traj = world
+    for method in ("dag-kl", "rtb", "reward-backprop"):
+        obj = build_objective(method, state_shape=bb.latent_shape).to(DT)
+        assert not obj.transition_separable
+        batch = obj.select_transitions(obj.prepare(traj))
+        assert update_rows(obj, batch, lambda part: pytest.fail("no probe for a whole micro-batch"),
+                           MemoryBudget(1e-9)) == WHOLE

@@ -76,6 +76,9 @@ class Objective(nn.Module):
     #: ``lookahead_reward_t`` / ``lookahead_reward_next``. The trainer fills the cache only for these (and
     #: only for the selected transitions); an objective that reads nothing costs no lookahead work.
     lookahead_reads: frozenset[str] = frozenset()
+    #: True when the loss is the mean of independent per-transition terms (no leave-one-out groups, no
+    #: trajectory sums): the trainer may then backpropagate a micro-batch in parts within its memory budget.
+    transition_separable: bool = False
 
     def prepare(self, traj: TrajectoryBatch, collective: Collective = SINGLE_PROCESS) -> TrajectoryBatch:
         return traj

@@ -150,6 +150,7 @@ class DAGDB(TransitionObjective):
     """
 
     name = "dag-db"
+    transition_separable = True  # δ² or its exponential form per transition, averaged
     needs_reward_gradient = False
     needs_reference = False
     learns_start_value = True

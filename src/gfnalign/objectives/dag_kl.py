@@ -101,6 +101,7 @@ class DAGKL(DAGDB):
     """
 
     name = "dag-kl"
+    transition_separable = False  # leave-one-out baselines couple the transitions of a group
 
     def __init__(self, *args: Any, kl_weight: float = 1.0, clip_range: float = 0.2, adv_clip: float = 5.0,
                  rloo_group: int = 8, **kw: Any):

@@ -107,6 +107,7 @@ class DDPO(TransitionObjective):
     """
 
     name = "ddpo"
+    transition_separable = True  # advantages are fixed in prepare(); the clipped term is per transition
     default_reduction = "mean"
     needs_reward_gradient = False
     needs_reference = False

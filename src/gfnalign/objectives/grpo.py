@@ -81,6 +81,7 @@ class GRPO(TransitionObjective):
     """
 
     name = "grpo"
+    transition_separable = True  # group advantages are fixed in prepare(); clip and KL per transition
     default_reduction = "mean"
     needs_reward_gradient = False
     needs_reference = False

@@ -93,6 +93,7 @@ class ScoreBalanceObjective(TransitionObjective):
     default_fraction = 0.1
     default_stratified = True
     needs_reward_gradient = True
+    transition_separable = True  # score residuals per transition (∇ w.r.t. each row's own state)
 
     def __init__(
         self,

@@ -153,3 +153,40 @@ def enable_block_checkpointing(module: nn.Module) -> int:
         block._gfnalign_checkpointed = True  # type: ignore[attr-defined]
         count += 1
     return count
+
+
+# -- the update pass -------------------------------------------------------------------------------------------
+
+
+#: :func:`update_rows` of an objective that is never cut
+WHOLE = 2**62
+
+
+def update_rows(objective: nn.Module, batch: Any, loss_of: Callable[[Any], torch.Tensor], budget: MemoryBudget,
+                resident: Iterable[nn.Module] = (), *, capacity: int | None = None) -> int:
+    """Transitions per backward of an update within ``budget``: the micro-batch ``batch`` is cut into parts of
+    this many transitions, each part's mean loss weighted by its share and backpropagated before the next
+    part runs, so only one part's graph is alive at a time.
+
+    Only objectives that declare ``transition_separable`` (their loss is the mean of independent
+    per-transition terms, so the weighted part means sum to the micro-batch's loss and its gradient exactly)
+    are cut; any other objective (leave-one-out groups, trajectory balance) takes the micro-batch whole
+    (:data:`WHOLE`).
+    ``loss_of(part)`` runs the objective on a part; the probe is one transition's forward with a graph
+    (:func:`saved_bytes`, the resident weights left out), measured once per budget. ``capacity`` (default
+    ``len(batch)``) is the largest part worth measuring for (the configured micro-batch)."""
+    n = len(batch)
+    if not getattr(objective, "transition_separable", False):
+        return WHOLE
+    if n <= 1:
+        return 1
+    first = batch.index(torch.arange(1))
+    resident = list(resident)
+    rows = budget.rows("update/transition", capacity or n, lambda: saved_bytes(lambda: loss_of(first), resident))
+    return int(min(n, rows))
+
+
+def parts(batch: Any, rows: int) -> list[Any]:
+    """``batch`` cut into consecutive parts of ``rows`` transitions (the last may be shorter)."""
+    n = len(batch)
+    return [batch.index(torch.arange(s, min(s + rows, n))) for s in range(0, n, rows)] or [batch]

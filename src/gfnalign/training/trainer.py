@@ -56,7 +56,7 @@ from gfnalign.training.engine import (
     make_accelerator,
 )
 from gfnalign.training.lookahead import Counters, CountingPolicy, RewardLookahead
-from gfnalign.training.memory import MemoryBudget
+from gfnalign.training.memory import MemoryBudget, parts, update_rows
 from gfnalign.training.reward_guard import GuardedReward, RewardUnavailableError
 from gfnalign.training.tracking import NullTracker, open_tracker
 
@@ -231,6 +231,7 @@ class Trainer:
         self.counters = Counters()
         self.policy = CountingPolicy(self.backbone, self.counters)
         self.memory = MemoryBudget(cfg.memory.budget_gb, self.device)
+        self._update_part_rows: int | None = None  # transitions per backward, from the budget at the first update
         self.lookahead = RewardLookahead(self.backbone, self.reward, model=cfg.lookahead.model,
                                          guided=cfg.lookahead.guided, counters=self.counters, memory=self.memory)
         self.lookahead.enable_checkpointing(decoder=cfg.memory.checkpoint_decoder, reward=cfg.memory.checkpoint_reward)
@@ -458,8 +459,29 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------
     # one optimiser update
     # ---------------------------------------------------------------------------------------------
+    def _update_parts(self, micro: list[TransitionBatch], beta: float) -> list[list[TransitionBatch]]:
+        """Each micro-batch cut into the parts one backward may take within the memory budget (see
+        :func:`~gfnalign.training.memory.update_rows`); the cut is measured once and agreed across ranks (the
+        same number of backward passes everywhere)."""
+        if self._update_part_rows is None:
+            mb = micro[0].to(self.device)
+
+            def loss_of(part: TransitionBatch) -> torch.Tensor:
+                with self.accelerator.autocast():
+                    return self.objective(part, self.policy, self.lookahead, beta=beta).loss
+
+            reward_modules = getattr(self.reward, "modules", None)
+            resident = [m for m in (self.backbone, self.objective) if isinstance(m, torch.nn.Module)]
+            resident += [m for m in (reward_modules().values() if callable(reward_modules) else ())
+                         if isinstance(m, torch.nn.Module)]
+            rows = update_rows(self.objective, mb, loss_of, self.memory, resident,
+                               capacity=self.cfg.training.micro_batch)
+            self._update_part_rows = max(1, int(-self._all_max(-float(rows))))
+        return [parts(mb, self._update_part_rows) for mb in micro]
+
     def _update(self, micro: list[TransitionBatch], beta: float) -> dict[str, float]:
         t0 = time.perf_counter()
+        cut = self._update_parts(micro, beta)
         self.counters.reset()
         acc = self.accelerator
         self.optimizer.zero_grad(set_to_none=True)
@@ -469,14 +491,18 @@ class Trainer:
         # number); each micro-batch's mean loss counts 1/len(micro) of the update, also for a short last update
         scale = acc.gradient_accumulation_steps / len(micro)
         bad = 0.0
-        for i, mb in enumerate(micro):
-            last = i == len(micro) - 1
-            mb = mb.to(self.device)
+        # a micro-batch's parts (the memory budget's cut) backpropagate one after another: part j of size n_j
+        # weighs n_j / len(mb) of its micro-batch's mean loss, so the gradient is the uncut one
+        steps = [(mb_parts[j], len(mb_parts[j]) / sum(len(p) for p in mb_parts),
+                  i == len(cut) - 1 and j == len(mb_parts) - 1)
+                 for i, mb_parts in enumerate(cut) for j in range(len(mb_parts))]
+        for part, share, last in steps:
+            part = part.to(self.device)
             acc.sync_gradients = last  # the accumulation boundary: gradients are reduced (DeepSpeed steps) here
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
                 try:
                     with acc.autocast():
-                        out = self.model(lambda mb=mb: self.objective(mb, self.policy, self.lookahead, beta=beta))
+                        out = self.model(lambda mb=part: self.objective(mb, self.policy, self.lookahead, beta=beta))
                     local_bad = 0.0 if _finite(out.loss.detach()) else 1.0
                 except RewardOutputError as err:  # a bad lookahead reward: skip this update like a NaN loss
                     self._last_reward_error = str(err)
@@ -485,8 +511,8 @@ class Trainer:
                 bad = self._all_max(local_bad)
                 if bad:
                     break
-                acc.backward(out.loss * scale)
-            w = len(mb) / n_total
+                acc.backward(out.loss * (scale * share))
+            w = len(part) / n_total
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + w * float(v)
         acc.sync_gradients = True
