@@ -416,7 +416,6 @@ class Trainer:
         parts = []
         self.counters.reset()
         t0 = time.perf_counter()
-        progress = self.cfg.logging.progress and self.is_main
         groups = None
         if s.images_per_prompt > 1:  # whole groups of one prompt in the epoch, cut into sampling batches
             g_texts, g_ids = draw_prompts(self.prompt_set, self.all_prompts,
@@ -431,7 +430,7 @@ class Trainer:
                 texts, ids = groups[0][cut], groups[1][cut]
             base = (self.rank * s.batches_per_epoch + b) * s.batch_size
             traj_ids = torch.arange(base, base + s.batch_size, dtype=torch.int64)
-            traj, images = self._rollout(texts, ids, traj_ids, gen, progress=progress)
+            traj, images = self._rollout(texts, ids, traj_ids, gen, progress=False)  # the run's one bar
             r = self._score(images, texts)
             if r is None:
                 return None, {"perf/sample_s": time.perf_counter() - t0}
@@ -928,9 +927,18 @@ class Trainer:
         return bool(self._all_max(1.0 if flag else 0.0))
 
     def _loop(self) -> bool:
-        cfg = self.cfg
+        """The epochs, under one progress bar for the whole run (epochs done; the postfix says the phase)."""
         from tqdm.auto import tqdm
 
+        bar = tqdm(total=self.cfg.training.epochs, initial=self.epoch, desc="training", unit="epoch",
+                   disable=not (self.cfg.logging.progress and self.is_main), dynamic_ncols=True)
+        try:
+            return self._epochs(bar)
+        finally:
+            bar.close()
+
+    def _epochs(self, bar: Any) -> bool:
+        cfg = self.cfg
         while self.epoch < cfg.training.epochs:
             epoch = self.epoch
             beta = beta_at(cfg, epoch)
@@ -945,6 +953,7 @@ class Trainer:
                 ckpt.set_rng_state(self._resume_rng)
             else:
                 seed_everything(derive_seed(cfg.seed, "epoch", self.rank, epoch))
+                bar.set_postfix_str("sampling", refresh=True)
                 try:
                     traj, epoch_metrics = self.sample_epoch(epoch)
                 except RewardUnavailableError as err:
@@ -985,6 +994,7 @@ class Trainer:
                     if self.is_main:
                         print(f"[gfnalign] epoch {epoch}: skipped ({msg})", file=sys.stderr)
                     self.epoch += 1
+                    bar.update(1)
                     self._check_skip_share()
                     if self._after_epoch():
                         return True
@@ -994,9 +1004,7 @@ class Trainer:
                 updates = updates[:n_up]
                 start = 0
                 self._epoch_prompts = (traj.cond, traj.prompts)
-            bar = tqdm(range(start, len(updates)), desc=f"epoch {epoch + 1}/{cfg.training.epochs}",
-                       disable=not (cfg.logging.progress and self.is_main), leave=False)
-            for u in bar:
+            for u in range(start, len(updates)):
                 rng_before = ckpt.rng_state() if cfg.lookahead.mode == "recompute" else None
                 try:
                     m = self._update(updates[u], beta)
@@ -1019,7 +1027,8 @@ class Trainer:
                 row["perf/peak_mem_mb"] = peak_mem_mb(self.device)
                 if self.step % cfg.logging.log_every == 0 or u == len(updates) - 1:
                     self._log(row)
-                bar.set_postfix(reward=f"{epoch_metrics.get('reward/mean', float('nan')):.3g}",
+                bar.set_postfix(update=f"{u + 1}/{len(updates)}",
+                                reward=f"{epoch_metrics.get('reward/mean', float('nan')):.3g}",
                                 loss=f"{m.get('loss/total', float('nan')):.3g}")
                 if self.counts["nan_streak"] >= cfg.reliability.max_nan_streak:
                     raise NanLossError(
@@ -1033,8 +1042,8 @@ class Trainer:
                         "prompt_cond": self._epoch_prompts[0], "prompt_texts": list(self._epoch_prompts[1] or []),
                     })
                     return True
-            bar.close()
             self.epoch += 1
+            bar.update(1)
             if self._after_epoch():
                 return True
         return False
