@@ -90,7 +90,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     from throughput import Harness
 
     from gfnalign.backbones.sd import StableDiffusionBackbone
-    from gfnalign.training.memory import MemoryBudget, parts, update_rows
+    from gfnalign.training.memory import MemoryBudget, parts, update_need, update_rows
 
     method = args.methods
     device = torch.device("cpu")
@@ -99,6 +99,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     backbone = StableDiffusionBackbone(
         **comps, num_inference_steps=args.steps, guidance_scale=args.guidance, eta=1.0, dtype="float32",
         device=device, lora_rank=4, lora_alpha=4.0, image_size=args.resolution,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     reward = build_reward(args.tiny, device)
     cfg = method_config(method, args.batch, args.steps, args.fraction)
@@ -128,6 +129,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     budget = getattr(h.lookahead, "memory", None) or MemoryBudget(None)
     resident = [m for m in (h.backbone, h.objective, *reward_modules(reward)) if isinstance(m, torch.nn.Module)]
     part_rows = update_rows(h.objective, mb, loss_of, budget, resident)
+    need = update_need(h.objective, mb, loss_of, budget, resident, part_rows)
+    checkpointing = need > budget.budget_bytes and h.backbone.enable_gradient_checkpointing()  # as the trainer
     losses = []
     for part in parts(mb, part_rows):
         loss = loss_of(part) * (len(part) / n)
@@ -144,9 +147,11 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "transitions": n, "terminal_transitions": int(mb.is_last.sum()), "build_s": build_s,
         "sample_s": sample_s, "update_s": update_s, "loss": sum(losses),
         "update_part_transitions": min(part_rows, n), "memory": budget.describe(),
+        "denoiser_checkpointing": bool(checkpointing),
         "rows_per_transition": per_transition,
         "rows_sample": {k: c["grad"] + c["nograd"] for k, c in rows_sample.items()},
-        "peak_rss_gb": peak_rss_gb(), "rss_after_build_gb": rss_built, "peak_rss_after_sample_gb": rss_sampled,
+        "peak_rss_gb": peak_rss_gb(), "rss_after_build_gb": rss_built,
+        "gradient_checkpointing_from_start": args.gradient_checkpointing, "peak_rss_after_sample_gb": rss_sampled,
     }
 
 
@@ -162,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--rss-limit-gb", type=float, default=18.0, help="the watchdog kills a run above this RSS")
     p.add_argument("--tiny", action="store_true", help="tiny components (smoke test of this script)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="the denoiser recomputes its blocks in the backward from the start (backbone.gradient_checkpointing)")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "out" / "full_size_cpu.json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -185,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                "--threads", str(args.threads), "--rss-limit-gb", str(args.rss_limit_gb)]
         if args.tiny:
             cmd.append("--tiny")
+        if args.gradient_checkpointing:
+            cmd.append("--gradient-checkpointing")
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode == 0:

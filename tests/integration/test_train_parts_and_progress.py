@@ -53,3 +53,18 @@ def test_training_draws_one_progress_bar_for_the_whole_run(pipeline, tmp_path, c
     assert "training:" in err and "2/2" in err
     assert "sampling:" not in err  # no per-epoch sampling bar
     assert "epoch 1/2" not in err  # no per-epoch update bar
+
+
+@pytest.mark.parametrize("method", ["dag-db", "dag-kl"])
+def test_an_update_over_the_budget_even_as_one_part_turns_on_denoiser_checkpointing(pipeline, tmp_path, capfd, method):
+    """dag-db is cut down to one transition, dag-kl never cut (leave-one-out groups); both still exceed a tiny
+    budget, so the denoiser recomputes its blocks in the backward; with the option off it does not."""
+    for auto in (True, False):
+        cfg = TrainConfig.from_dict(tiny_config(pipeline, method, {"fraction": 1.0} if method == "dag-db" else {},
+                                                training={"max_updates_per_epoch": 1},
+                                                memory={"budget_gb": 1e-9, "auto_checkpointing": auto}))
+        trainer = Trainer(cfg, tmp_path / f"{method}-{auto}")
+        assert trainer.train() == 0
+        assert trainer.backbone.unet.is_gradient_checkpointing is auto
+        err = capfd.readouterr().err
+        assert ("gradient checkpointing of the denoiser is on" in err) is auto

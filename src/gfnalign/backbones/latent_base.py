@@ -245,6 +245,16 @@ class LatentDiffusionBackbone(nn.Module):
             unet.enable_gradient_checkpointing()
         self._uncond: torch.Tensor | None = None
 
+    def enable_gradient_checkpointing(self) -> bool:
+        """Recompute the denoiser's blocks in backward passes (diffusers' checkpointing; values and gradients are
+        unchanged). Returns True when it is on. The trainer calls it when one transition's update would not fit
+        its memory budget."""
+        if not getattr(self.unet, "_supports_gradient_checkpointing", False):
+            return False
+        if not self.unet.is_gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        return True
+
     # -- family hooks ----------------------------------------------------------------------------------
     @staticmethod
     def _latent_channels(unet: nn.Module) -> int:

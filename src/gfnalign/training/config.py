@@ -14,7 +14,7 @@ Layout of a config file (every key optional except ``method.name``; see ``config
     sampling: {num_steps, guidance_scale, eta, kernel: ddim | flow_sde | cps, log_prob_reduction, batch_size, ...}
     training: {epochs, micro_batch, grad_accum, lr, lr_heads, weight_decay, ...}
     lookahead: {mode: cached | recompute, model: policy | reference, guided: true}
-    memory: {budget_gb: null, checkpoint_decoder: false, checkpoint_reward: false}
+    memory: {budget_gb: null, checkpoint_decoder: false, checkpoint_reward: false, auto_checkpointing: true}
     logging: {sample_every, checkpoint_every, keep_checkpoints, tensorboard, progress, ...,
               wandb: {project, entity, mode}}
     reliability: {max_nan_streak, on_bad_reward: skip | stop, max_skipped_epoch_fraction, reward_timeout_s,
@@ -135,6 +135,9 @@ class MemoryConfig:
     budget_gb: float | None = None
     checkpoint_decoder: bool = False  # recompute the VAE decoder's blocks in backward passes (∇r, reward-backprop)
     checkpoint_reward: bool = False  # the same for the reward's networks
+    # turn on the denoiser's gradient checkpointing when one update part (a single transition, or a micro-batch
+    # of an objective that is never cut) would need more activation memory than the budget
+    auto_checkpointing: bool = True
 
 
 @dataclass

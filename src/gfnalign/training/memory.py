@@ -190,3 +190,18 @@ def parts(batch: Any, rows: int) -> list[Any]:
     """``batch`` cut into consecutive parts of ``rows`` transitions (the last may be shorter)."""
     n = len(batch)
     return [batch.index(torch.arange(s, min(s + rows, n))) for s in range(0, n, rows)] or [batch]
+
+
+def update_need(objective: nn.Module, batch: Any, loss_of: Callable[[Any], torch.Tensor], budget: MemoryBudget,
+                resident: Iterable[nn.Module], rows: int) -> float:
+    """Activation bytes of the largest part of ``batch`` cut into ``rows`` transitions: one transition's probe
+    (shared with :func:`update_rows`) times the part size, or, for an objective that is never cut, the whole
+    micro-batch measured as it is (a transition alone may not be a valid loss there)."""
+    n = len(batch)
+    if n == 0:
+        return 0.0
+    resident = list(resident)
+    if getattr(objective, "transition_separable", False):
+        one = batch.index(torch.arange(1))
+        return budget.per_row("update/transition", lambda: saved_bytes(lambda: loss_of(one), resident)) * min(rows, n)
+    return budget.per_row("update/micro-batch", lambda: saved_bytes(lambda: loss_of(batch), resident))

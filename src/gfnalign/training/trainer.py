@@ -56,7 +56,7 @@ from gfnalign.training.engine import (
     make_accelerator,
 )
 from gfnalign.training.lookahead import Counters, CountingPolicy, RewardLookahead
-from gfnalign.training.memory import MemoryBudget, parts, update_rows
+from gfnalign.training.memory import MemoryBudget, parts, update_need, update_rows
 from gfnalign.training.reward_guard import GuardedReward, RewardUnavailableError
 from gfnalign.training.tracking import NullTracker, open_tracker
 
@@ -476,6 +476,15 @@ class Trainer:
             rows = update_rows(self.objective, mb, loss_of, self.memory, resident,
                                capacity=self.cfg.training.micro_batch)
             self._update_part_rows = max(1, int(-self._all_max(-float(rows))))
+            # the smallest part still over the budget: recompute the denoiser's activations in the backward
+            need = (update_need(self.objective, mb, loss_of, self.memory, resident, self._update_part_rows)
+                    if self.cfg.memory.auto_checkpointing else 0.0)
+            if self._all_max(float(need > self.memory.budget_bytes)):
+                enable = getattr(self.backbone, "enable_gradient_checkpointing", None)
+                if enable is not None and enable() and self.is_main:
+                    print(f"[gfnalign] memory: an update part needs {need / 2**30:.2f} GB of activations, over the "
+                          f"budget of {self.memory.budget_bytes / 2**30:.2f} GB (memory.budget_gb); gradient "
+                          "checkpointing of the denoiser is on (memory.auto_checkpointing)", file=sys.stderr)
         return [parts(mb, self._update_part_rows) for mb in micro]
 
     def _update(self, micro: list[TransitionBatch], beta: float) -> dict[str, float]:
