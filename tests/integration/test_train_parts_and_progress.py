@@ -68,3 +68,14 @@ def test_an_update_over_the_budget_even_as_one_part_turns_on_denoiser_checkpoint
         assert trainer.backbone.unet.is_gradient_checkpointing is auto
         err = capfd.readouterr().err
         assert ("gradient checkpointing of the denoiser is on" in err) is auto
+
+
+def test_the_score_objectives_never_get_automatic_denoiser_checkpointing(pipeline, tmp_path):
+    """Their loss differentiates the checkpointed denoiser w.r.t. its input inside the forward, which torch's
+    non-reentrant checkpointing refuses; the trainer leaves it off for them (and they still train)."""
+    cfg = TrainConfig.from_dict(tiny_config(pipeline, "residual-nabla-db", {"fraction": 1.0},
+                                            training={"max_updates_per_epoch": 1}, memory={"budget_gb": 1e-9}))
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert trainer.train() == 0
+    assert not trainer.objective.denoiser_checkpointing_ok
+    assert trainer.backbone.unet.is_gradient_checkpointing is False

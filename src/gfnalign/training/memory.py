@@ -162,6 +162,18 @@ def enable_block_checkpointing(module: nn.Module) -> int:
 WHOLE = 2**62
 
 
+def _transition_bytes(loss_of: Callable[[Any], torch.Tensor], part: Any, resident: list[nn.Module]) -> float:
+    """Saved bytes of ``loss_of(part)``; infinite (cut to single transitions) when the probe cannot run: a
+    checkpointed denoiser whose recomputation happens inside the objective's own ``autograd.grad`` (the score
+    objectives) does not allow the probe's saved-tensor hooks around it."""
+    from torch.utils.checkpoint import CheckpointError
+
+    try:
+        return float(saved_bytes(lambda: loss_of(part), resident))
+    except CheckpointError:
+        return math.inf
+
+
 def update_rows(objective: nn.Module, batch: Any, loss_of: Callable[[Any], torch.Tensor], budget: MemoryBudget,
                 resident: Iterable[nn.Module] = (), *, capacity: int | None = None) -> int:
     """Transitions per backward of an update within ``budget``: the micro-batch ``batch`` is cut into parts of
@@ -182,7 +194,7 @@ def update_rows(objective: nn.Module, batch: Any, loss_of: Callable[[Any], torch
         return 1
     first = batch.index(torch.arange(1))
     resident = list(resident)
-    rows = budget.rows("update/transition", capacity or n, lambda: saved_bytes(lambda: loss_of(first), resident))
+    rows = budget.rows("update/transition", capacity or n, lambda: _transition_bytes(loss_of, first, resident))
     return int(min(n, rows))
 
 
@@ -203,5 +215,5 @@ def update_need(objective: nn.Module, batch: Any, loss_of: Callable[[Any], torch
     resident = list(resident)
     if getattr(objective, "transition_separable", False):
         one = batch.index(torch.arange(1))
-        return budget.per_row("update/transition", lambda: saved_bytes(lambda: loss_of(one), resident)) * min(rows, n)
-    return budget.per_row("update/micro-batch", lambda: saved_bytes(lambda: loss_of(batch), resident))
+        return budget.per_row("update/transition", lambda: _transition_bytes(loss_of, one, resident)) * min(rows, n)
+    return budget.per_row("update/micro-batch", lambda: _transition_bytes(loss_of, batch, resident))

@@ -477,8 +477,8 @@ class Trainer:
                                capacity=self.cfg.training.micro_batch)
             self._update_part_rows = max(1, int(-self._all_max(-float(rows))))
             # the smallest part still over the budget: recompute the denoiser's activations in the backward
-            need = (update_need(self.objective, mb, loss_of, self.memory, resident, self._update_part_rows)
-                    if self.cfg.memory.auto_checkpointing else 0.0)
+            auto = self.cfg.memory.auto_checkpointing and getattr(self.objective, "denoiser_checkpointing_ok", True)
+            need = update_need(self.objective, mb, loss_of, self.memory, resident, self._update_part_rows) if auto else 0.0
             if self._all_max(float(need > self.memory.budget_bytes)):
                 enable = getattr(self.backbone, "enable_gradient_checkpointing", None)
                 if enable is not None and enable() and self.is_main:
