@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/throughput.py [--methods dag-db,...] [--batch 8] [--steps 10] [--repeats 2]
                                               [--json benchmarks/out/throughput.json] [--markdown]
+                                              [--only-ab] [--ab-methods dag-db,dag-kl|all] [--ab-passes 8]
 
 For every method (and for ``dag-db`` once with ``lookahead: cached`` and once with ``recompute``) this runs
 the trainer's epoch structure (DESIGN.md §9) on the digits world, in its own subprocess so peak memory is
@@ -427,9 +428,10 @@ def measure(cfg: dict[str, Any], device: torch.device, batch: int, repeats: int,
 
 
 def lookahead_ab(cfg: dict[str, Any], device: torch.device, batch: int, passes: int = 8) -> dict[str, Any]:
-    """dag-db's training phase (selection, lookahead, updates) with ``lookahead: cached`` (the selected states
-    scored once, with the policy's recorded x̂0 or one reference pass each) vs ``recompute`` (per transition),
-    in ONE process on the SAME trajectories, timed alternately so load from other processes hits all alike."""
+    """One method's training phase (selection, lookahead, updates) with ``lookahead: cached`` (the selected
+    states scored once, with the policy's recorded x̂0 or one reference pass each, for objectives that read
+    it) vs ``recompute`` (per transition), in ONE process on the SAME trajectories, timed alternately so load
+    from other processes hits all alike."""
     from gfnalign.sampling.rollout import rollout
 
     h = Harness(cfg, device)
@@ -483,10 +485,10 @@ def lookahead_ab(cfg: dict[str, Any], device: torch.device, batch: int, passes: 
 def _child(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if args.child_lookahead == "ab":
-        cfg = digits_config("dag-db", "cached", args.batch, args.steps, args.micro_batch, args.fraction, args.reward,
-                            None, args.pipeline)
-        print("@@RESULT@@" + json.dumps({"method": "dag-db", "lookahead": "ab",
-                                          **lookahead_ab(cfg, device, args.batch)}))
+        cfg = digits_config(args.child_method, "cached", args.batch, args.steps, args.micro_batch, args.fraction,
+                            args.reward, None, args.pipeline)
+        print("@@RESULT@@" + json.dumps({"method": args.child_method, "lookahead": "ab",
+                                          **lookahead_ab(cfg, device, args.batch, passes=args.ab_passes)}))
         return 0
     cfg = digits_config(args.child_method, args.child_lookahead, args.batch, args.steps, args.micro_batch,
                         args.fraction, args.reward, args.child_lookahead_model, args.pipeline)
@@ -506,7 +508,7 @@ def run_child(method: str, lookahead: str, args: argparse.Namespace, model: str 
     cmd = [sys.executable, __file__, "--child-method", method, "--child-lookahead", lookahead,
            "--batch", str(args.batch), "--steps", str(args.steps), "--repeats", str(args.repeats),
            "--micro-batch", str(args.micro_batch), "--device", args.device, "--reward", args.reward,
-           "--train-repeats", str(args.train_repeats)]
+           "--train-repeats", str(args.train_repeats), "--ab-passes", str(args.ab_passes)]
     if args.fraction is not None:
         cmd += ["--fraction", str(args.fraction)]
     if model:
@@ -526,7 +528,8 @@ def _fmt_nfe(d: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in d.items())
 
 
-def markdown(results: list[dict[str, Any]], args: argparse.Namespace, ab: dict[str, Any] | None = None) -> str:
+def markdown(results: list[dict[str, Any]], args: argparse.Namespace,
+             ab: dict[str, dict[str, Any]] | None = None) -> str:
     lines = [
         "| method | lookahead (x̂0 model) | train transitions/s | epoch transitions/s | net evals per transition, train step "
         "(epoch incl. sampling) | peak mem (MB) | train time / bare net cost | sampling time / bare |",
@@ -545,15 +548,21 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, ab: dict[s
             f"{r['epoch_transitions_per_s']:.1f} | {nfe} | {r['peak_mem_mb']:.0f} | "
             f"{r['train_overhead']:.2f}× | {r['sample_overhead']:.2f}× |"
         )
-    if ab and "error" not in ab:
-        med = ab["train_s_per_transition"]["median"]
-        lines += ["", "dag-db lookahead A/B (one process, same trajectories, alternating; the training phase includes "
-                  "selection and, when cached, scoring the selected states):", "",
-                  "| | seconds per trained transition (median) |", "|---|---|"]
-        lines += [f"| training phase, {k.replace('/', ', x̂0 of the ')} model | {v:.4f} |" for k, v in med.items()]
-        lines += [f"| rollout + terminal reward | {ab['rollout_s_per_transition']:.4f} |", "",
-                  "Whole epoch, recompute time / cached time: "
-                  + ", ".join(f"{v:.2f}× ({k} x̂0)" for k, v in ab["epoch_speedup_cached_vs_recompute"].items())]
+    good_ab = {m: r for m, r in (ab or {}).items() if "error" not in r}
+    if good_ab:
+        variants = list(next(iter(good_ab.values()))["train_s_per_transition"]["median"])
+        lines += ["", "Lookahead A/B per method (one process per method, same trajectories, alternating; the "
+                  "training phase includes selection and, when cached, scoring the selected states). Seconds per "
+                  "trained transition, median:", "",
+                  "| method | rollout + terminal reward | " + " | ".join(
+                      f"train, {v.replace('/', ', x̂0 ')}" for v in variants)
+                  + " | epoch recompute / cached (policy x̂0) | (reference x̂0) |",
+                  "|---|---|" + "---|" * len(variants) + "---|---|"]
+        for m, r in good_ab.items():
+            med, speed = r["train_s_per_transition"]["median"], r["epoch_speedup_cached_vs_recompute"]
+            lines.append(f"| {m} | {r['rollout_s_per_transition']:.4f} | "
+                         + " | ".join(f"{med[v]:.4f}" for v in variants)
+                         + f" | {speed['policy']:.2f}× | {speed['reference']:.2f}× |")
     by = {(r["method"], r["lookahead"], r.get("lookahead_model", "reference")): r for r in results if "error" not in r}
     pairs = []
     for (method, mode, model), c in by.items():
@@ -583,7 +592,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "out" / "throughput.json")
     p.add_argument("--markdown", action="store_true", help="print the BENCHMARKS.md table")
-    p.add_argument("--only-ab", action="store_true", help="only the dag-db cached/recompute A/B")
+    p.add_argument("--only-ab", action="store_true", help="only the cached/recompute A/B")
+    p.add_argument("--ab-methods", default="dag-db",
+                   help="methods whose cached/recompute A/B runs (one process each; 'all': every method in --methods)")
+    p.add_argument("--ab-passes", type=int, default=8, help="alternating timed passes per variant in the A/B")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process (1: on a CPU shared with other jobs, 2 threads thrash ~10x slower)")
     p.add_argument("--child-method", help=argparse.SUPPRESS)
@@ -597,14 +609,16 @@ def main(argv: list[str] | None = None) -> int:
     # every method with the lookahead cached and recomputed (the authors' DAG code); objectives that never
     # read the lookahead must cost the same in both
     jobs: list[tuple[str, str, str | None]] = [(m, la, None) for m in methods for la in ("cached", "recompute")]
-    ab = None
-    if "dag-db" in methods:
-        ab = run_child("dag-db", "ab", args)
-        if "error" in ab:
-            print("lookahead A/B failed:", ab["error"][-500:], flush=True)
+    ab: dict[str, dict[str, Any]] = {}
+    ab_methods = methods if args.ab_methods == "all" else [m.strip() for m in args.ab_methods.split(",")
+                                                          if m.strip() in methods]
+    for m in ab_methods:
+        ab[m] = run_child(m, "ab", args)
+        if "error" in ab[m]:
+            print(f"{m} lookahead A/B failed:", ab[m]["error"][-500:], flush=True)
         else:
-            print("dag-db lookahead A/B (same process, same trajectories): whole epoch recompute/cached "
-                  + ", ".join(f"{k} x0_hat {v:.2f}x" for k, v in ab["epoch_speedup_cached_vs_recompute"].items()),
+            print(f"{m} lookahead A/B (same process, same trajectories): whole epoch recompute/cached "
+                  + ", ".join(f"{k} x0_hat {v:.2f}x" for k, v in ab[m]["epoch_speedup_cached_vs_recompute"].items()),
                   flush=True)
     results = []
     for m, la, model in ([] if args.only_ab else jobs):
