@@ -201,7 +201,9 @@ def update_rows(objective: nn.Module, batch: Any, loss_of: Callable[[Any], torch
 def parts(batch: Any, rows: int) -> list[Any]:
     """``batch`` cut into consecutive parts of ``rows`` transitions (the last may be shorter)."""
     n = len(batch)
-    return [batch.index(torch.arange(s, min(s + rows, n))) for s in range(0, n, rows)] or [batch]
+    if rows >= n:  # no cut: the micro-batch itself, untouched
+        return [batch]
+    return [batch.index(torch.arange(s, min(s + rows, n))) for s in range(0, n, rows)]
 
 
 def update_need(objective: nn.Module, batch: Any, loss_of: Callable[[Any], torch.Tensor], budget: MemoryBudget,
