@@ -40,6 +40,23 @@ def test_eps_is_minus_sqrt_one_minus_ab_times_autograd_score(mix):
     torch.testing.assert_close(mix.eps(x, ab), -(1 - ab).sqrt()[:, None] * grad, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("mix", [four_modes(), full_cov_mixture()])
+def test_one_noise_level_for_all_rows_equals_the_per_row_computation(mix):
+    """Rows sharing one level take the broadcast path; mixed with a row at another level they take the
+    per-row path: log p, the score and ε agree, and the score still equals autograd's."""
+    g = torch.Generator().manual_seed(3)
+    x = 2 * torch.randn(33, mix.dim, dtype=D, generator=g)
+    same = torch.full((33,), 0.42, dtype=D)
+    mixed_x = torch.cat([x, x[:1]])
+    mixed_ab = torch.cat([same, torch.tensor([0.9], dtype=D)])
+    torch.testing.assert_close(mix.log_prob(x, same), mix.log_prob(mixed_x, mixed_ab)[:33], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mix.score(x, same), mix.score(mixed_x, mixed_ab)[:33], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mix.eps(x, 0.42), mix.eps(mixed_x, mixed_ab)[:33], rtol=1e-12, atol=1e-12)
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(mix.log_prob(xg, same).sum(), xg)
+    torch.testing.assert_close(mix.score(x, same), grad, rtol=1e-10, atol=1e-10)
+
+
 def test_log_prob_matches_torch_distributions():
     mix = full_cov_mixture()
     ab = 0.37

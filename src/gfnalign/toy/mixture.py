@@ -17,6 +17,7 @@ Shapes: ``[N, d]`` points, ``[N]`` per-row alpha-bars (or a float), ``[K]`` comp
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -165,17 +166,32 @@ class GaussianMixture:
     def _component_terms(
         self, x: torch.Tensor, alpha_bar: torch.Tensor | float | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-component log N (``[N, K]``), rotated residuals y (``[N, K, d]``) and variances v."""
+        """Per-component log N (``[N, K]``), rotated residuals y (``[N, K, d]``) and variances v
+        (``[N, K, d]``, or ``[1, K, d]`` when every row has the same noise level: samplers and rollouts
+        evaluate one level per step, and the broadcast keeps the per-row work to two small matmuls)."""
         x = x.to(DTYPE)
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape [N, {self.dim}], got {tuple(x.shape)}")
         n = x.shape[0]
+        K, d = self.num_components, self.dim
         ab = _as_ab(alpha_bar, n)  # [N,1,1]
-        centred = x[:, None, :] - ab.sqrt() * self.means[None]  # [N,K,d]
-        y = torch.einsum("nkd,kde->nke", centred, self.eigvecs)  # U_kᵀ (x - m_k)
-        v = ab * self.eigvals[None] + (1 - ab)  # [N,K,d]
+        if n > 1 and not ab.requires_grad and bool((ab == ab[:1]).all()):
+            ab = ab[:1]  # one level for all rows
+        # y_k = U_kᵀ(x − √ab m_k) for all k at once: x·[U_1 … U_K] − √ab·[U_1ᵀm_1 … U_Kᵀm_K]
+        y = (x @ self._stacked_eigvecs).reshape(n, K, d) - ab.sqrt() * self._rotated_means[None]
+        v = ab * self.eigvals[None] + (1 - ab)  # [N or 1, K, d]
         log_n = -0.5 * (y**2 / v).sum(-1) - 0.5 * v.log().sum(-1) - 0.5 * self.dim * _LOG_2PI
         return log_n, y, v
+
+    @functools.cached_property
+    def _stacked_eigvecs(self) -> torch.Tensor:
+        """[d, K·d] the eigenvector matrices side by side (column block k is U_k)."""
+        return self.eigvecs.permute(1, 0, 2).reshape(self.dim, -1)
+
+    @functools.cached_property
+    def _rotated_means(self) -> torch.Tensor:
+        """[K, d] U_kᵀ m_k."""
+        return torch.einsum("kde,kd->ke", self.eigvecs, self.means)
 
     def log_prob(self, x: torch.Tensor, alpha_bar: torch.Tensor | float | None = None) -> torch.Tensor:
         """[N] log p_ab(x) of the mixture noised to ``alpha_bar`` (None or 1: the clean mixture)."""
@@ -191,8 +207,8 @@ class GaussianMixture:
         """[N, d] ∇_x log p_ab(x), in closed form."""
         log_n, y, v = self._component_terms(x, alpha_bar)
         resp = torch.softmax(log_n + self.weights.log()[None], dim=1)  # [N,K]
-        comp_scores = -torch.einsum("kde,nke->nkd", self.eigvecs, y / v)  # -C_k^{-1}(x - m_k)
-        return (resp[..., None] * comp_scores).sum(1)
+        # Σ_k resp_k·(−C_k^{-1}(x − m_k)) = −Σ_k U_k (resp_k·y_k / v_k): one [N, K·d] × [K·d, d] product
+        return -((resp[..., None] * y / v).reshape(x.shape[0], -1) @ self._stacked_eigvecs.T)
 
     def eps(self, x: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
         """[N, d] the exact noise prediction ε*(x, ab) = -sqrt(1 - ab) ∇ log p_ab(x)."""

@@ -7,9 +7,11 @@ One update (``--steps`` counts these):
                                                       the Flow-GRPO SDE at noise level ``eta``, default √2)
     traj.reward = r_eff(traj.final)                  (r; r + log p_f / β for the Lebesgue-target methods:
                                                       dag-db / dag-kl without ``relative``, nabla-db)
-    traj.lookahead_reward = r_eff(x̂0(state))         (cached lookahead at every state)
     traj   = objective.prepare(traj)
     batch  = objective.select_transitions(traj, generator)
+    batch.lookahead_reward_t/_next = r_eff(x̂0(x))   (cached lookahead, only for objectives whose
+                                                      ``lookahead_reads`` has "reward", only at the selected
+                                                      transitions' states: as the trainer does)
     loss   = objective(batch, policy, lookahead, beta=β_e).loss  -> AdamW step (policy MLP lr, heads lr)
 
 Evaluation: M samples of the fine-tuned chain, of the exact-ε (pretrained) chain, of the exact tilted
@@ -29,6 +31,7 @@ from typing import Any
 
 import torch
 
+from gfnalign.core.batches import TrajectoryBatch, TransitionBatch
 from gfnalign.toy.metrics import energy_distance, mode_mass, total_variation
 from gfnalign.toy.mixture import DTYPE, GaussianMixture
 from gfnalign.toy.rewards import ToyReward, bind_final_alpha_bar
@@ -278,7 +281,10 @@ def train(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
-    B, d, K = int(cfg["batch_size"]), mixture.dim, schedule.num_steps
+    B, d = int(cfg["batch_size"]), mixture.dim
+    reads_lookahead = "reward" in objective.lookahead_reads
+    # the timestep of every recorded state: slot k < K is before step k, slot K is the terminal state
+    state_timesteps = torch.cat([schedule.timesteps, schedule.next_timesteps[-1:]])
     last: dict[str, float] = {}
     skipped = 0
     start = time.perf_counter()
@@ -293,14 +299,10 @@ def train(
             traj = rollout(policy, None, x_init, eta=eta, reduction="sum", generator=gen,
                            prompt_id=torch.zeros(B, dtype=torch.int64))
             final = traj.final
-            states = traj.states.reshape(B * (K + 1), d)
-            t_all = torch.cat([schedule.timesteps, schedule.next_timesteps[-1:]]).repeat(B)
-            terminal = torch.zeros(K + 1, dtype=torch.bool)
-            terminal[-1] = True
-            cached = lookahead.log_reward(states, t_all, None, terminal=terminal.repeat(B)).reshape(B, K + 1)
-            traj = replace(traj, reward=lookahead.terminal_reward(final), lookahead_reward=cached)
-            traj = objective.prepare(traj)
+            traj = objective.prepare(replace(traj, reward=lookahead.terminal_reward(final)))
         batch = objective.select_transitions(traj, gen)
+        if reads_lookahead:  # cached lookahead, as the trainer's: r(x̂0) of the selected transitions' states only
+            batch = _cache_lookahead(batch, traj, lookahead, state_timesteps)
         out = objective(batch, policy, lookahead, beta=beta_u)
         if not torch.isfinite(out.loss):
             skipped += 1
@@ -315,12 +317,24 @@ def train(
         objective.after_optimizer_step()
         sched.step()
         last = {"loss/total": float(out.loss.detach()), **{k: float(v) for k, v in out.metrics.items()}}
-        last["reward/mean"] = float(lookahead.reward(final.to(DTYPE)).mean())
         if log is not None and (u % log_every == 0 or u == updates - 1):
+            last["reward/mean"] = float(lookahead.reward(final.to(DTYPE)).mean())
             log(u, last)
     seconds = time.perf_counter() - start
     return policy, {"train_seconds": seconds, "updates": updates, "skipped": skipped, "last": last, "config": cfg,
                     "start": start_sampler}
+
+
+def _cache_lookahead(batch: TransitionBatch, traj: TrajectoryBatch, lookahead: ToyLookahead,
+                     state_timesteps: torch.Tensor) -> TransitionBatch:
+    """``batch`` with ``lookahead_reward_t`` / ``_next`` filled: r_eff(x̂0) at its x_t and x_next (the terminal
+    state scored as such), the values a cache of every recorded state would hold at those slots."""
+    slot = batch.step.to(torch.int64) - int(traj.steps[0])
+    n = len(batch)
+    states = torch.cat([batch.x_t, batch.x_next])
+    slots = torch.cat([slot, slot + 1])
+    values = lookahead.log_reward(states, state_timesteps[slots], None, terminal=slots == traj.num_steps)
+    return batch.with_fields(lookahead_reward_t=values[:n], lookahead_reward_next=values[n:])
 
 
 def evaluate(
