@@ -130,8 +130,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     resident = [m for m in (h.backbone, h.objective, *reward_modules(reward)) if isinstance(m, torch.nn.Module)]
     part_rows = update_rows(h.objective, mb, loss_of, budget, resident)
     need = update_need(h.objective, mb, loss_of, budget, resident, part_rows)
-    checkpointing = (need > budget.budget_bytes and getattr(h.objective, "denoiser_checkpointing_ok", True)
-                     and h.backbone.enable_gradient_checkpointing())  # as the trainer
+    checkpointing = need > budget.budget_bytes and h.backbone.enable_gradient_checkpointing()  # as the trainer
     losses = []
     for part in parts(mb, part_rows):
         loss = loss_of(part) * (len(part) / n)

@@ -224,3 +224,44 @@ def test_objectives_with_coupled_transitions_are_never_cut(world):
         batch = obj.select_transitions(obj.prepare(traj))
         assert update_rows(obj, batch, lambda part: pytest.fail("no probe for a whole micro-batch"),
                            MemoryBudget(1e-9)) == WHOLE
+
+
+CHECKPOINTED = [("residual-nabla-db", "reference"), ("residual-nabla-db", "policy"), ("nabla-db", "reference"),
+                ("dag-db", "reference")]
+
+
+@pytest.mark.parametrize(("method", "model"), CHECKPOINTED)
+def test_denoiser_checkpointing_leaves_loss_and_gradients_unchanged(world, method, model):
+    """With the denoiser's blocks checkpointed, the ∇ objectives differentiate reference passes (adapters off)
+    after ``reference()`` has exited; the blocks are recomputed with the adapters as in their forward, so the
+    loss and gradients equal the un-checkpointed ones (this used to raise torch's CheckpointError)."""
+    bb, reward, traj = world
+    obj = build_objective(method, state_shape=bb.latent_shape, fraction=1.0, trust_region=0.5).to(DT)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in obj.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=DT))
+    batch = obj.select_transitions(obj.prepare(traj))
+    params = bb.trainable_parameters() + list(obj.parameters())
+
+    def run():
+        la = RewardLookahead(bb, reward, model=model, guided=True)
+        la.set_prompts(traj.cond, traj.prompts)
+        for p in params:
+            p.grad = None
+        out = obj(batch, bb, la, beta=2.0)
+        out.loss.backward()
+        return out.loss.detach(), [p.grad.clone() for p in params]
+
+    plain_loss, plain_grads = run()
+    assert not bb.unet.is_gradient_checkpointing
+    assert bb.enable_gradient_checkpointing()
+    try:
+        ckpt_loss, ckpt_grads = run()
+    finally:
+        bb.unet.disable_gradient_checkpointing()
+    assert bb._adapters_on  # the recomputations restored the adapters
+    torch.testing.assert_close(ckpt_loss, plain_loss, rtol=1e-10, atol=1e-12)
+    assert sum(float(g.abs().sum()) for g in plain_grads) > 0
+    for a, b in zip(ckpt_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

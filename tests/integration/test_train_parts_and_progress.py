@@ -70,12 +70,22 @@ def test_an_update_over_the_budget_even_as_one_part_turns_on_denoiser_checkpoint
         assert ("gradient checkpointing of the denoiser is on" in err) is auto
 
 
-def test_the_score_objectives_never_get_automatic_denoiser_checkpointing(pipeline, tmp_path):
-    """Their loss differentiates the checkpointed denoiser w.r.t. its input inside the forward, which torch's
-    non-reentrant checkpointing refuses; the trainer leaves it off for them (and they still train)."""
-    cfg = TrainConfig.from_dict(tiny_config(pipeline, "residual-nabla-db", {"fraction": 1.0},
-                                            training={"max_updates_per_epoch": 1}, memory={"budget_gb": 1e-9}))
-    trainer = Trainer(cfg, tmp_path / "run")
-    assert trainer.train() == 0
-    assert not trainer.objective.denoiser_checkpointing_ok
-    assert trainer.backbone.unet.is_gradient_checkpointing is False
+@pytest.mark.parametrize("method", ["nabla-db", "residual-nabla-db"])
+def test_the_score_objectives_train_with_denoiser_checkpointing(pipeline, tmp_path, method):
+    """Their loss differentiates reference passes of the denoiser (adapters off) after the pass; the blocks are
+    recomputed with the adapters as in the forward, so automatic checkpointing applies to them too and the
+    trained weights equal an un-checkpointed run's."""
+    weights = {}
+    for auto in (True, False):
+        cfg = TrainConfig.from_dict(tiny_config(pipeline, method, {"fraction": 1.0},
+                                                training={"max_updates_per_epoch": 1},
+                                                memory={"budget_gb": 1e-9, "auto_checkpointing": auto}))
+        trainer = Trainer(cfg, tmp_path / f"{method}-{auto}")
+        assert trainer.train() == 0
+        assert trainer.backbone.unet.is_gradient_checkpointing is auto
+        weights[auto] = {k: v.detach().clone() for k, v in trainer.backbone.trainable_state_dict().items()}
+    ups = [k for k in weights[True] if "lora_B" in k]
+    moved = torch.cat([weights[False][k].flatten() for k in ups]).norm()
+    diff = torch.cat([(weights[True][k] - weights[False][k]).flatten() for k in ups]).norm()
+    assert float(moved) > 0
+    assert float(diff / moved) < 1e-4, float(diff / moved)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from gfnalign.core.parametrization import model_output_to_eps
@@ -47,6 +48,23 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+class _AdapterState:
+    """A reusable context (a retained graph is recomputed once per backward through it) that sets a backbone's
+    peft adapters on or off and restores them after."""
+
+    def __init__(self, backbone: LatentDiffusionBackbone, on: bool) -> None:
+        self.backbone, self.on = backbone, on
+        self._active: list[contextlib.AbstractContextManager] = []
+
+    def __enter__(self) -> None:
+        ctx = self.backbone._adapters_set(self.on)
+        ctx.__enter__()
+        self._active.append(ctx)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._active.pop().__exit__(*exc)
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -233,6 +251,7 @@ class LatentDiffusionBackbone(nn.Module):
         unet.requires_grad_(False).eval()
         self._reference_unet: nn.Module | None = None
         self.lora_config: dict[str, Any] | None = None
+        self._adapters_on = True  # False inside reference() (peft adapters disabled)
         if self.full_finetune:
             # the trained copy keeps float32 master weights; the reference is the frozen base in `dtype`
             self._reference_unet = move_module(copy.deepcopy(unet), device, dtype).requires_grad_(False)
@@ -241,9 +260,9 @@ class LatentDiffusionBackbone(nn.Module):
             move_module(unet, device, dtype)
             if lora_rank > 0:
                 self.lora_config = add_lora(unet, lora_rank, lora_alpha, lora_targets)
-        if gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
         self._uncond: torch.Tensor | None = None
+        if gradient_checkpointing:
+            self.enable_gradient_checkpointing()
 
     def enable_gradient_checkpointing(self) -> bool:
         """Recompute the denoiser's blocks in backward passes (diffusers' checkpointing; values and gradients are
@@ -252,8 +271,38 @@ class LatentDiffusionBackbone(nn.Module):
         if not getattr(self.unet, "_supports_gradient_checkpointing", False):
             return False
         if not self.unet.is_gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+            self.unet.enable_gradient_checkpointing(gradient_checkpointing_func=self._checkpoint_block)
         return True
+
+    def _checkpoint_block(self, block: nn.Module, *args: Any) -> Any:
+        """One checkpointed denoiser block whose recomputation runs with the adapters as they were in its
+        forward pass. A reference pass (adapters off) can be differentiated after ``reference()`` has exited
+        (the ∇-objectives' reverse score and shared reward-gradient pass do); recomputed with the adapters on,
+        it would be another network's activations: torch's ``CheckpointError`` at best, a silently wrong
+        gradient where the shapes happened to agree."""
+        recompute = _AdapterState(self, self._adapters_on)
+        return torch.utils.checkpoint.checkpoint(
+            block.__call__, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), recompute)
+        )
+
+    @contextlib.contextmanager
+    def _adapters_set(self, on: bool) -> Iterator[None]:
+        """The peft adapters on or off for the block, restored after (``requires_grad`` flags included, which
+        peft's enable/disable rewrites)."""
+        if self.lora_config is None or on == self._adapters_on:
+            yield
+            return
+        flags = [(p, p.requires_grad) for p in self.unet.parameters()]
+        previous = self._adapters_on
+        (self.unet.enable_adapters if on else self.unet.disable_adapters)()
+        self._adapters_on = on
+        try:
+            yield
+        finally:
+            (self.unet.enable_adapters if previous else self.unet.disable_adapters)()
+            self._adapters_on = previous
+            for p, f in flags:
+                p.requires_grad_(f)
 
     # -- family hooks ----------------------------------------------------------------------------------
     @staticmethod
@@ -383,17 +432,8 @@ class LatentDiffusionBackbone(nn.Module):
         if self._reference_unet is not None:
             yield self._reference_unet
             return
-        if self.lora_config is None:
+        with self._adapters_set(False):
             yield self.unet
-            return
-        flags = [(p, p.requires_grad) for p in self.unet.parameters()]
-        self.unet.disable_adapters()
-        try:
-            yield self.unet
-        finally:
-            self.unet.enable_adapters()
-            for p, f in flags:
-                p.requires_grad_(f)
 
     def _eps(self, x, t, cond, *, reference: bool, guidance: float) -> torch.Tensor:
         t, cond = self._check(x, t, cond)

@@ -79,10 +79,6 @@ class Objective(nn.Module):
     #: True when the loss is the mean of independent per-transition terms (no leave-one-out groups, no
     #: trajectory sums): the trainer may then backpropagate a micro-batch in parts within its memory budget.
     transition_separable: bool = False
-    #: False when the loss differentiates the denoiser's output with respect to its input inside the forward
-    #: (the ∇ objectives' shared x̂0 pass): torch's non-reentrant checkpointing of the denoiser's blocks then
-    #: fails its recomputation check (CheckpointError), so the trainer never turns checkpointing on for it.
-    denoiser_checkpointing_ok: bool = True
 
     def prepare(self, traj: TrajectoryBatch, collective: Collective = SINGLE_PROCESS) -> TrajectoryBatch:
         return traj

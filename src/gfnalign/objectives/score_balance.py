@@ -94,7 +94,6 @@ class ScoreBalanceObjective(TransitionObjective):
     default_stratified = True
     needs_reward_gradient = True
     transition_separable = True  # score residuals per transition (∇ w.r.t. each row's own state)
-    denoiser_checkpointing_ok = False  # ∇_x through the policy's x̂0 inside the loss (see Objective)
 
     def __init__(
         self,

@@ -163,15 +163,8 @@ WHOLE = 2**62
 
 
 def _transition_bytes(loss_of: Callable[[Any], torch.Tensor], part: Any, resident: list[nn.Module]) -> float:
-    """Saved bytes of ``loss_of(part)``; infinite (cut to single transitions) when the probe cannot run: a
-    checkpointed denoiser whose recomputation happens inside the objective's own ``autograd.grad`` (the score
-    objectives) does not allow the probe's saved-tensor hooks around it."""
-    from torch.utils.checkpoint import CheckpointError
-
-    try:
-        return float(saved_bytes(lambda: loss_of(part), resident))
-    except CheckpointError:
-        return math.inf
+    """Saved bytes of ``loss_of(part)``."""
+    return float(saved_bytes(lambda: loss_of(part), resident))
 
 
 def update_rows(objective: nn.Module, batch: Any, loss_of: Callable[[Any], torch.Tensor], budget: MemoryBudget,

@@ -476,7 +476,7 @@ class Trainer:
             rows = update_rows(self.objective, mb, loss_of, self.memory, resident)
             self._update_part_rows = max(1, int(-self._all_max(-float(rows))))
             # the smallest part still over the budget: recompute the denoiser's activations in the backward
-            auto = self.cfg.memory.auto_checkpointing and getattr(self.objective, "denoiser_checkpointing_ok", True)
+            auto = self.cfg.memory.auto_checkpointing
             need = update_need(self.objective, mb, loss_of, self.memory, resident, self._update_part_rows) if auto else 0.0
             if self._all_max(float(need > self.memory.budget_bytes)):
                 enable = getattr(self.backbone, "enable_gradient_checkpointing", None)
