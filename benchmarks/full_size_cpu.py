@@ -72,11 +72,6 @@ def phase(name: str) -> None:
     print(f"full_size_cpu: phase {name} (peak RSS so far {peak_rss_gb():.2f} GB)", file=sys.stderr, flush=True)
 
 
-def reward_modules(reward: Any) -> list[Any]:
-    modules = getattr(reward, "modules", None)
-    return list(modules().values()) if callable(modules) else []
-
-
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
@@ -90,7 +85,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     from throughput import Harness
 
     from gfnalign.backbones.sd import StableDiffusionBackbone
-    from gfnalign.training.memory import MemoryBudget, parts, update_need, update_rows
+    from gfnalign.training.memory import MemoryBudget, parts, resident_modules, update_need, update_rows
 
     method = args.methods
     device = torch.device("cpu")
@@ -127,10 +122,12 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
     # as the trainer: the micro-batch is backpropagated in parts that fit the memory budget
     budget = getattr(h.lookahead, "memory", None) or MemoryBudget(None)
-    resident = [m for m in (h.backbone, h.objective, *reward_modules(reward)) if isinstance(m, torch.nn.Module)]
+    resident = resident_modules(h.backbone, h.objective, reward)
+    phase("update probe")  # the trainer's one-transition measurement
     part_rows = update_rows(h.objective, mb, loss_of, budget, resident)
     need = update_need(h.objective, mb, loss_of, budget, resident, part_rows)
     checkpointing = need > budget.budget_bytes and h.backbone.enable_gradient_checkpointing()  # as the trainer
+    phase(f"update parts (denoiser checkpointing {'on' if checkpointing else 'off'})")
     losses = []
     for part in parts(mb, part_rows):
         loss = loss_of(part) * (len(part) / n)

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from gfnalign.core.batches import TrajectoryBatch, TransitionBatch
-from gfnalign.training.memory import MemoryBudget, enable_block_checkpointing, saved_bytes
+from gfnalign.training.memory import MemoryBudget, enable_block_checkpointing, resident_modules, saved_bytes
 
 
 @dataclass
@@ -194,13 +194,11 @@ class RewardLookahead:
 
     # -- chunk sizes ----------------------------------------------------------------------------------
     def _reward_modules(self) -> list[torch.nn.Module]:
-        modules = getattr(self.reward, "modules", None)
-        return [m for m in (modules().values() if callable(modules) else ()) if isinstance(m, torch.nn.Module)]
+        return resident_modules(self.reward)
 
     def _resident(self) -> list[torch.nn.Module]:
         """The networks' own weights (left out of the activation bytes)."""
-        bb = [self.backbone] if isinstance(self.backbone, torch.nn.Module) else []
-        return bb + self._reward_modules()
+        return resident_modules(self.backbone, self.reward)
 
     def _x0_bytes(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> float:
         c = None if cond is None else cond[:1]

@@ -31,6 +31,19 @@ from torch.utils.checkpoint import checkpoint
 AUTO_BUDGET_FRACTION = 0.5
 
 
+def resident_modules(*owners: Any) -> list[nn.Module]:
+    """The networks whose weights stay resident (left out of activation bytes): each owner that is an
+    ``nn.Module`` (backbone, objective) and the modules a reward exposes through ``modules()``."""
+    found: list[nn.Module] = []
+    for owner in owners:
+        if isinstance(owner, nn.Module):
+            found.append(owner)
+        modules = getattr(owner, "modules", None)
+        if callable(modules) and not isinstance(owner, nn.Module):
+            found += [m for m in modules().values() if isinstance(m, nn.Module)]
+    return found
+
+
 def saved_bytes(fn: Callable[[], Any], exclude: Iterable[nn.Module] = ()) -> int:
     """Bytes of the distinct storages autograd saves while ``fn()`` runs (a forward with a graph), leaving
     out the parameters and buffers of the modules in ``exclude`` (resident weights, not activations)."""

@@ -56,7 +56,7 @@ from gfnalign.training.engine import (
     make_accelerator,
 )
 from gfnalign.training.lookahead import Counters, CountingPolicy, RewardLookahead
-from gfnalign.training.memory import MemoryBudget, parts, update_need, update_rows
+from gfnalign.training.memory import MemoryBudget, parts, resident_modules, update_need, update_rows
 from gfnalign.training.reward_guard import GuardedReward, RewardUnavailableError
 from gfnalign.training.tracking import NullTracker, open_tracker
 
@@ -469,10 +469,7 @@ class Trainer:
                 with self.accelerator.autocast():
                     return self.objective(part, self.policy, self.lookahead, beta=beta).loss
 
-            reward_modules = getattr(self.reward, "modules", None)
-            resident = [m for m in (self.backbone, self.objective) if isinstance(m, torch.nn.Module)]
-            resident += [m for m in (reward_modules().values() if callable(reward_modules) else ())
-                         if isinstance(m, torch.nn.Module)]
+            resident = resident_modules(self.backbone, self.objective, self.reward)
             rows = update_rows(self.objective, mb, loss_of, self.memory, resident)
             self._update_part_rows = max(1, int(-self._all_max(-float(rows))))
             # the smallest part still over the budget: recompute the denoiser's activations in the backward
