@@ -27,14 +27,13 @@ the ``transformer.`` prefix, so ``FluxPipeline.load_lora_weights(dir)`` loads it
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from gfnalign.backbones.latent_base import DEFAULT_LORA_TARGETS, LatentDiffusionBackbone
+from gfnalign.backbones.latent_base import LatentDiffusionBackbone
 from gfnalign.backbones.sd3 import pack_cond, unpack_cond
 
 #: FLUX.1's scheduler config (``black-forest-labs/FLUX.1-dev``, ``scheduler/scheduler_config.json``)
@@ -71,6 +70,7 @@ class FluxBackbone(LatentDiffusionBackbone):
     pipeline_class_name = "FluxPipeline"
     _pipeline_parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
     _lora_prefix = "transformer"
+    sampler_defaults = {"num_inference_steps": 28, "guidance_scale": 3.5, "eta": 0.7}
     embedded_guidance = True
 
     def __init__(
@@ -83,19 +83,8 @@ class FluxBackbone(LatentDiffusionBackbone):
         tokenizer: Any,
         tokenizer_2: Any,
         scheduler: Any,
-        num_inference_steps: int = 28,
-        guidance_scale: float = 3.5,
-        eta: float = 0.7,
-        dtype: torch.dtype | str = torch.float32,
-        device: torch.device | str = "cpu",
-        lora_rank: int = 4,
-        lora_alpha: float | None = None,
-        lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
-        full_finetune: bool = False,
-        gradient_checkpointing: bool = False,
-        image_size: int | None = None,
-        sampler_kernel: str | None = None,
         max_sequence_length: int = 512,
+        **common: Any,
     ) -> None:
         joint = int(transformer.config.joint_attention_dim)
         pooled = int(transformer.config.pooled_projection_dim)
@@ -107,16 +96,10 @@ class FluxBackbone(LatentDiffusionBackbone):
         if not isinstance(max_sequence_length, int) or not 0 < max_sequence_length <= 512:
             raise ValueError(f"max_sequence_length={max_sequence_length!r} must be an int in 1..512 (FluxPipeline's "
                              "limit; FLUX.1-dev uses 512, schnell 256)")
-        if image_size is None:  # the pipeline's default: default_sample_size latents per side
-            image_size = DEFAULT_SAMPLE_SIZE * 2 ** (len(vae.config.block_out_channels) - 1)
-        super().__init__(
-            unet=transformer, vae=vae, scheduler=scheduler,
-            text_encoders={"text_encoder": text_encoder, "text_encoder_2": text_encoder_2},
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta, dtype=dtype,
-            device=device, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
-            full_finetune=full_finetune, gradient_checkpointing=gradient_checkpointing, image_size=image_size,
-            sampler_kernel=sampler_kernel,
-        )
+        if common.get("image_size") is None:  # the pipeline's default: default_sample_size latents per side
+            common["image_size"] = DEFAULT_SAMPLE_SIZE * 2 ** (len(vae.config.block_out_channels) - 1)
+        super().__init__(unet=transformer, vae=vae, scheduler=scheduler,
+                         text_encoders={"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}, **common)
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self.max_sequence_length = max_sequence_length
         self.pooled_dim = pooled
@@ -145,13 +128,6 @@ class FluxBackbone(LatentDiffusionBackbone):
     @classmethod
     def _components(cls, pipe: Any) -> dict[str, Any]:
         return {name: getattr(pipe, name) for name in cls._pipeline_parts}
-
-    @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, *, revision: str | None = None, variant: str | None = None,
-                        **kwargs: Any) -> FluxBackbone:
-        """Load a ``FluxPipeline`` folder or hub id (FLUX.1-dev, FLUX.1-schnell or a fine-tune)."""
-        pipe = cls._load_pipeline(path_or_id, kwargs.get("dtype", torch.float32), revision, variant)
-        return cls(**cls._components(pipe), **kwargs)
 
     # -- text ---------------------------------------------------------------------------------------------
     @property

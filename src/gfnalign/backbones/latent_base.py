@@ -189,9 +189,9 @@ class LatentDiffusionBackbone(nn.Module):
         vae: nn.Module,
         scheduler: Any,
         text_encoders: dict[str, nn.Module],
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        eta: float = 1.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        eta: float | None = None,
         dtype: torch.dtype | str = torch.float32,
         device: torch.device | str = "cpu",
         lora_rank: int = 4,
@@ -203,6 +203,10 @@ class LatentDiffusionBackbone(nn.Module):
         sampler_kernel: str | None = None,
     ) -> None:
         super().__init__()
+        defaults = self.sampler_defaults
+        num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        eta = defaults["eta"] if eta is None else eta
         dtype = resolve_dtype(dtype)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps={num_inference_steps!r} must be a positive int (e.g. 20 or 50)")
@@ -348,6 +352,22 @@ class LatentDiffusionBackbone(nn.Module):
         raise NotImplementedError
 
     # -- construction ----------------------------------------------------------------------------------
+    #: the family's sampler when the caller names none (its pipeline's usual steps and guidance; η of the kernel)
+    sampler_defaults: dict[str, Any] = {"num_inference_steps": 50, "guidance_scale": 7.5, "eta": 1.0}
+    #: keyword arguments every load of the family's pipeline passes (e.g. SD's ``safety_checker=None``)
+    _load_options: dict[str, Any] = {}
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, *, revision: str | None = None, variant: str | None = None,
+                        pipeline_options: dict[str, Any] | None = None, **kwargs: Any) -> LatentDiffusionBackbone:
+        """Load the family's pipeline folder (``save_pretrained`` layout) or hub id and build the backbone from
+        its components; ``kwargs`` are the constructor's (``num_inference_steps``, ``dtype``, ``lora_rank``, ...
+        and the family's own). A local path that does not exist raises ``FileNotFoundError`` naming it; hub ids
+        obey ``HF_HUB_OFFLINE`` (only cached models load offline). The scheduler config defines the schedule."""
+        options = {**cls._load_options, **(pipeline_options or {})}
+        pipe = cls._load_pipeline(path_or_id, kwargs.get("dtype", torch.float32), revision, variant, **options)
+        return cls(**cls._components(pipe), **kwargs)
+
     @classmethod
     def _load_pipeline(
         cls, path_or_id: str | Path, dtype: torch.dtype | str, revision: str | None, variant: str | None,

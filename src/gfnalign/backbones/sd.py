@@ -26,8 +26,6 @@ Shapes: ``x`` ``[N, C, h, w]`` latents (float32 in, float32 out), ``t`` ``[N]`` 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,27 +65,13 @@ class StableDiffusionBackbone(LatentDiffusionBackbone):
         text_encoder: nn.Module,
         tokenizer: Any,
         scheduler: Any,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        eta: float = 1.0,
-        dtype: torch.dtype | str = torch.float32,
-        device: torch.device | str = "cpu",
-        lora_rank: int = 4,
-        lora_alpha: float | None = None,
-        lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
-        full_finetune: bool = False,
-        gradient_checkpointing: bool = False,
         negative_prompt: str = "",
-        image_size: int | None = None,
+        **common: Any,
     ) -> None:
         if not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a str, got {type(negative_prompt).__name__}")
-        super().__init__(
-            unet=unet, vae=vae, scheduler=scheduler, text_encoders={"text_encoder": text_encoder},
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta, dtype=dtype,
-            device=device, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
-            full_finetune=full_finetune, gradient_checkpointing=gradient_checkpointing, image_size=image_size,
-        )
+        super().__init__(unet=unet, vae=vae, scheduler=scheduler, text_encoders={"text_encoder": text_encoder},
+                         **common)
         self.tokenizer = tokenizer
         self.negative_prompt = negative_prompt
 
@@ -97,41 +81,8 @@ class StableDiffusionBackbone(LatentDiffusionBackbone):
         return {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer,
                 "scheduler": pipe.scheduler}
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        path_or_id: str | Path,
-        *,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        eta: float = 1.0,
-        dtype: torch.dtype | str = torch.float32,
-        device: torch.device | str = "cpu",
-        lora_rank: int = 4,
-        lora_alpha: float | None = None,
-        lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
-        full_finetune: bool = False,
-        gradient_checkpointing: bool = False,
-        negative_prompt: str = "",
-        image_size: int | None = None,
-        revision: str | None = None,
-        variant: str | None = None,
-    ) -> StableDiffusionBackbone:
-        """Load a ``StableDiffusionPipeline`` folder (``save_pretrained`` layout) or hub id.
-
-        A local path that does not exist raises ``FileNotFoundError`` naming it. Hub ids obey
-        ``HF_HUB_OFFLINE`` (only cached models load offline). The pipeline's scheduler config defines the
-        noise schedule; ``clip_sample``/``thresholding`` must be off.
-        """
-        pipe = cls._load_pipeline(
-            path_or_id, dtype, revision, variant, safety_checker=None, requires_safety_checker=False
-        )
-        return cls(
-            **cls._components(pipe), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            eta=eta, dtype=dtype, device=device, lora_rank=lora_rank, lora_alpha=lora_alpha,
-            lora_targets=lora_targets, full_finetune=full_finetune, gradient_checkpointing=gradient_checkpointing,
-            negative_prompt=negative_prompt, image_size=image_size,
-        )
+    #: the safety checker is not a denoiser component; loading without it saves its weights
+    _load_options: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
 
     # -- text ---------------------------------------------------------------------------------------------
     @property

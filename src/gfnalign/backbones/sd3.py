@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gfnalign.backbones.latent_base import DEFAULT_LORA_TARGETS, LatentDiffusionBackbone
+from gfnalign.backbones.latent_base import LatentDiffusionBackbone
 
 
 class SD3Backbone(LatentDiffusionBackbone):
@@ -36,6 +36,7 @@ class SD3Backbone(LatentDiffusionBackbone):
     pipeline_class_name = "StableDiffusion3Pipeline"
     _pipeline_parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
     _lora_prefix = "transformer"
+    sampler_defaults = {"num_inference_steps": 28, "guidance_scale": 4.5, "eta": 0.7}
 
     def __init__(
         self,
@@ -49,20 +50,9 @@ class SD3Backbone(LatentDiffusionBackbone):
         scheduler: Any,
         text_encoder_3: nn.Module | None = None,
         tokenizer_3: Any = None,
-        num_inference_steps: int = 28,
-        guidance_scale: float = 4.5,
-        eta: float = 0.7,
-        dtype: torch.dtype | str = torch.float32,
-        device: torch.device | str = "cpu",
-        lora_rank: int = 4,
-        lora_alpha: float | None = None,
-        lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
-        full_finetune: bool = False,
-        gradient_checkpointing: bool = False,
         negative_prompt: str = "",
-        image_size: int | None = None,
-        sampler_kernel: str | None = None,
         max_sequence_length: int = 256,
+        **common: Any,
     ) -> None:
         if not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a str, got {type(negative_prompt).__name__}")
@@ -78,13 +68,7 @@ class SD3Backbone(LatentDiffusionBackbone):
         encoders = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
         if text_encoder_3 is not None:
             encoders["text_encoder_3"] = text_encoder_3
-        super().__init__(
-            unet=transformer, vae=vae, scheduler=scheduler, text_encoders=encoders,
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta, dtype=dtype,
-            device=device, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
-            full_finetune=full_finetune, gradient_checkpointing=gradient_checkpointing, image_size=image_size,
-            sampler_kernel=sampler_kernel,
-        )
+        super().__init__(unet=transformer, vae=vae, scheduler=scheduler, text_encoders=encoders, **common)
         if text_encoder_3 is None:
             self.text_encoder_3 = None
         self.tokenizer, self.tokenizer_2, self.tokenizer_3 = tokenizer, tokenizer_2, tokenizer_3
@@ -115,8 +99,8 @@ class SD3Backbone(LatentDiffusionBackbone):
         local = Path(path_or_id).expanduser()
         no_t5_saved = local.is_dir() and not (local / "text_encoder_3").is_dir()  # a folder saved without T5
         extra = {} if load_t5 and not no_t5_saved else {"text_encoder_3": None, "tokenizer_3": None}
-        pipe = cls._load_pipeline(path_or_id, kwargs.get("dtype", torch.float32), revision, variant, **extra)
-        return cls(**cls._components(pipe), **kwargs)
+        return super().from_pretrained(path_or_id, revision=revision, variant=variant, pipeline_options=extra,
+                                       **kwargs)
 
     # -- text ---------------------------------------------------------------------------------------------
     @property

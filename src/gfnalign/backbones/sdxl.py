@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gfnalign.backbones.latent_base import DEFAULT_LORA_TARGETS, LatentDiffusionBackbone
+from gfnalign.backbones.latent_base import LatentDiffusionBackbone
 
 
 def _size_pair(name: str, value: Any, default: tuple[int, int]) -> tuple[int, int]:
@@ -66,6 +66,7 @@ class StableDiffusionXLBackbone(LatentDiffusionBackbone):
     family = "Stable Diffusion XL"
     pipeline_class_name = "StableDiffusionXLPipeline"
     _pipeline_parts = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+    sampler_defaults = {"num_inference_steps": 50, "guidance_scale": 5.0, "eta": 1.0}
 
     def __init__(
         self,
@@ -77,23 +78,13 @@ class StableDiffusionXLBackbone(LatentDiffusionBackbone):
         tokenizer: Any,
         tokenizer_2: Any,
         scheduler: Any,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 5.0,
-        eta: float = 1.0,
-        dtype: torch.dtype | str = torch.float32,
-        device: torch.device | str = "cpu",
-        lora_rank: int = 4,
-        lora_alpha: float | None = None,
-        lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
-        full_finetune: bool = False,
-        gradient_checkpointing: bool = False,
         negative_prompt: str | None = None,
         force_zeros_for_empty_prompt: bool = True,
-        image_size: int | None = None,
         original_size: Sequence[int] | int | None = None,
         crops_coords_top_left: Sequence[int] = (0, 0),
         target_size: Sequence[int] | int | None = None,
         clip_skip: int | None = None,
+        **common: Any,
     ) -> None:
         if text_encoder is None or tokenizer is None:
             raise ValueError(
@@ -136,13 +127,8 @@ class StableDiffusionXLBackbone(LatentDiffusionBackbone):
                 f"the UNet's cross_attention_dim={cross} differs from the two text encoders' hidden sizes "
                 f"{text_encoder.config.hidden_size} + {text_encoder_2.config.hidden_size} = {text_dim}"
             )
-        super().__init__(
-            unet=unet, vae=vae, scheduler=scheduler,
-            text_encoders={"text_encoder": text_encoder, "text_encoder_2": text_encoder_2},
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta, dtype=dtype,
-            device=device, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
-            full_finetune=full_finetune, gradient_checkpointing=gradient_checkpointing, image_size=image_size,
-        )
+        super().__init__(unet=unet, vae=vae, scheduler=scheduler,
+                         text_encoders={"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}, **common)
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self.negative_prompt = negative_prompt
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
@@ -168,34 +154,13 @@ class StableDiffusionXLBackbone(LatentDiffusionBackbone):
         }
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path_or_id: str | Path,
-        *,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 5.0,
-        eta: float = 1.0,
-        dtype: torch.dtype | str = torch.float32,
-        device: torch.device | str = "cpu",
-        lora_rank: int = 4,
-        lora_alpha: float | None = None,
-        lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
-        full_finetune: bool = False,
-        gradient_checkpointing: bool = False,
-        negative_prompt: str | None = None,
-        image_size: int | None = None,
-        original_size: Sequence[int] | int | None = None,
-        crops_coords_top_left: Sequence[int] = (0, 0),
-        target_size: Sequence[int] | int | None = None,
-        clip_skip: int | None = None,
-        vae: str | Path | nn.Module | None = None,
-        revision: str | None = None,
-        variant: str | None = None,
-    ) -> StableDiffusionXLBackbone:
-        """Load a ``StableDiffusionXLPipeline`` folder (``save_pretrained`` layout) or hub id.
+    def from_pretrained(cls, path_or_id: str | Path, *, vae: str | Path | nn.Module | None = None,
+                        **kwargs: Any) -> StableDiffusionXLBackbone:
+        """Load a ``StableDiffusionXLPipeline`` folder (``save_pretrained`` layout) or hub id (see
+        :meth:`LatentDiffusionBackbone.from_pretrained`).
 
         ``vae``: another ``AutoencoderKL`` (a module, or a folder / hub id holding one), e.g. the
-        float16-fixed SDXL VAE. Hub ids obey ``HF_HUB_OFFLINE`` (only cached models load offline).
+        float16-fixed SDXL VAE.
         """
         extra: dict[str, Any] = {"add_watermarker": False}
         if vae is not None:
@@ -207,16 +172,10 @@ class StableDiffusionXLBackbone(LatentDiffusionBackbone):
                 src = Path(vae).expanduser()
                 if not src.exists() and str(vae).startswith(("/", ".", "~")):
                     raise FileNotFoundError(f"vae folder not found: {src} (given {str(vae)!r})")
-                vae = AutoencoderKL.from_pretrained(str(src) if src.exists() else str(vae), dtype=resolve_dtype(dtype))
+                vae = AutoencoderKL.from_pretrained(str(src) if src.exists() else str(vae),
+                                                    dtype=resolve_dtype(kwargs.get("dtype", torch.float32)))
             extra["vae"] = vae
-        pipe = cls._load_pipeline(path_or_id, dtype, revision, variant, **extra)
-        return cls(
-            **cls._components(pipe), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            eta=eta, dtype=dtype, device=device, lora_rank=lora_rank, lora_alpha=lora_alpha,
-            lora_targets=lora_targets, full_finetune=full_finetune, gradient_checkpointing=gradient_checkpointing,
-            negative_prompt=negative_prompt, image_size=image_size, original_size=original_size,
-            crops_coords_top_left=crops_coords_top_left, target_size=target_size, clip_skip=clip_skip,
-        )
+        return super().from_pretrained(path_or_id, pipeline_options=extra, **kwargs)
 
     # -- conditioning ------------------------------------------------------------------------------------
     @property
