@@ -37,7 +37,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "ddpo", "reward-backprop")
+METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "ddpo", "reward-backprop", "rtb", "grpo")
 KILLED = 137
 
 
@@ -124,9 +124,11 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     budget = getattr(h.lookahead, "memory", None) or MemoryBudget(None)
     resident = resident_modules(h.backbone, h.objective, reward)
     phase("update probe")  # the trainer's one-transition measurement
-    part_rows = update_rows(h.objective, mb, loss_of, budget, resident)
-    need = update_need(h.objective, mb, loss_of, budget, resident, part_rows)
+    part_rows = update_rows(h.objective, mb, loss_of, budget, resident, backbone=h.backbone)
+    need = update_need(h.objective, mb, loss_of, budget, resident, part_rows, backbone=h.backbone)
     checkpointing = need > budget.budget_bytes and h.backbone.enable_gradient_checkpointing()  # as the trainer
+    if checkpointing:
+        part_rows = update_rows(h.objective, mb, loss_of, budget, resident, backbone=h.backbone)
     phase(f"update parts (denoiser checkpointing {'on' if checkpointing else 'off'})")
     losses = []
     for part in parts(mb, part_rows):

@@ -141,7 +141,7 @@ def build_backbone(tiny: bool, device: torch.device, dtype: str, steps: int, gui
 def method_config(method: str, batch: int, steps: int, fraction: float,
                   sampling: dict[str, Any] | None = None) -> dict[str, Any]:
     options: dict[str, Any] = {}
-    if accepts_option(method, "fraction"):
+    if accepts_option(method, "fraction") and method != "rtb":  # rtb trains whole trajectories (its default)
         options["fraction"] = fraction
     return {
         "seed": 0,

@@ -265,3 +265,46 @@ def test_denoiser_checkpointing_leaves_loss_and_gradients_unchanged(world, metho
     assert sum(float(g.abs().sum()) for g in plain_grads) > 0
     for a, b in zip(ckpt_grads, plain_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["residual-nabla-db", "dag-db"])
+def test_the_update_probe_runs_checkpointed_and_estimates_the_uncheckpointed_need(world, method):
+    """At Stable Diffusion size one transition's un-checkpointed graph may not fit in memory, so the trainer's
+    probe runs the denoiser checkpointed and counts what its blocks would keep: both figures agree with direct
+    measurements (the estimate errs on the safe side: block inputs are counted twice), and the backbone's
+    checkpointing is left as it was."""
+    from gfnalign.training.memory import MemoryBudget, resident_modules, saved_bytes, update_rows
+
+    bb, reward, traj = world
+    obj = build_objective(method, state_shape=bb.latent_shape, fraction=1.0).to(DT)
+    batch = obj.select_transitions(obj.prepare(traj))
+    la = RewardLookahead(bb, reward, model="reference", guided=True)
+    la.set_prompts(traj.cond, traj.prompts)
+    resident = resident_modules(bb, obj, reward)
+
+    def loss_of(part):
+        return obj(part, bb, la, beta=2.0).loss
+
+    one = batch.index(torch.arange(1))
+    plain = saved_bytes(lambda: loss_of(one), resident)
+    assert bb.enable_gradient_checkpointing()
+    checkpointed = saved_bytes(lambda: loss_of(one), resident)
+    bb.unet.disable_gradient_checkpointing()
+
+    budget = MemoryBudget(1e3)
+    assert update_rows(obj, batch, loss_of, budget, resident, backbone=bb) >= len(batch)
+    assert not bb.gradient_checkpointing_on
+    estimate = budget.per_row("update/transition", pytest.fail)
+    assert plain <= estimate <= 1.3 * plain, (estimate, plain)
+    assert budget.per_row("update/transition/checkpointed", pytest.fail) == pytest.approx(checkpointed, rel=0.05)
+    assert checkpointed < 0.6 * plain
+    # a budget between the two figures: un-checkpointed one transition per part; checkpointed several
+    tight = MemoryBudget(1.5 * checkpointed / 2**30)
+    assert update_rows(obj, batch, loss_of, tight, resident, backbone=bb) == 1
+    assert bb.enable_gradient_checkpointing()
+    try:
+        assert update_rows(obj, batch, loss_of, tight, resident, backbone=bb) == 1  # ⌊1.5⌋, from the cache
+        roomy = MemoryBudget(2.5 * checkpointed / 2**30)
+        assert update_rows(obj, batch, loss_of, roomy, resident, backbone=bb) == 2
+    finally:
+        bb.unet.disable_gradient_checkpointing()

@@ -67,6 +67,31 @@ class _AdapterState:
         self._active.pop().__exit__(*exc)
 
 
+class _BlockBytes:
+    """Bytes the checkpointed blocks would save for backward un-checkpointed (see ``checkpointed_activations``)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def count(self, block: nn.Module, args: tuple[Any, ...]) -> None:
+        weights = {t.untyped_storage().data_ptr() for t in (*block.parameters(), *block.buffers())}
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> None:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in weights:
+                seen[storage.data_ptr()] = storage.nbytes()
+            # dropped: this graph is never differentiated, so the probe holds one block's tensors at a time
+
+        def unpack(_: Any) -> torch.Tensor:
+            raise RuntimeError("the memory probe's counting pass cannot be differentiated")
+
+        inputs = [a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a for a in args]
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            block(*inputs)
+        self.bytes += sum(seen.values())
+
+
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.bfloat16, torch.float16):
         return dtype
@@ -256,6 +281,7 @@ class LatentDiffusionBackbone(nn.Module):
         self._reference_unet: nn.Module | None = None
         self.lora_config: dict[str, Any] | None = None
         self._adapters_on = True  # False inside reference() (peft adapters disabled)
+        self._block_bytes: _BlockBytes | None = None  # set by checkpointed_activations()
         if self.full_finetune:
             # the trained copy keeps float32 master weights; the reference is the frozen base in `dtype`
             self._reference_unet = move_module(copy.deepcopy(unet), device, dtype).requires_grad_(False)
@@ -284,10 +310,35 @@ class LatentDiffusionBackbone(nn.Module):
         (the ∇-objectives' reverse score and shared reward-gradient pass do); recomputed with the adapters on,
         it would be another network's activations: torch's ``CheckpointError`` at best, a silently wrong
         gradient where the shapes happened to agree."""
+        if self._block_bytes is not None:
+            self._block_bytes.count(block, args)
         recompute = _AdapterState(self, self._adapters_on)
         return torch.utils.checkpoint.checkpoint(
             block.__call__, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), recompute)
         )
+
+    @property
+    def gradient_checkpointing_on(self) -> bool:
+        return bool(getattr(self.unet, "is_gradient_checkpointing", False))
+
+    @contextlib.contextmanager
+    def checkpointed_activations(self) -> Iterator[_BlockBytes]:
+        """For a memory probe: the denoiser runs checkpointed for the duration (turned back off after if it was
+        off), so a probe of a large model stays small, and each block's forward also runs once more on detached
+        inputs with its saved tensors counted and dropped at once: ``.bytes`` is what the blocks would have kept
+        for backward without checkpointing (the probe's own figure plus it is the un-checkpointed need)."""
+        counter = _BlockBytes()
+        was_on = self.gradient_checkpointing_on
+        if not self.enable_gradient_checkpointing():
+            yield counter  # nothing to checkpoint: the probe's own figure is the whole need
+            return
+        self._block_bytes = counter
+        try:
+            yield counter
+        finally:
+            self._block_bytes = None
+            if not was_on:
+                self.unet.disable_gradient_checkpointing()
 
     @contextlib.contextmanager
     def _adapters_set(self, on: bool) -> Iterator[None]:

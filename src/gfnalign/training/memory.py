@@ -109,6 +109,13 @@ class MemoryBudget:
             self._per_row[name] = max(1.0, float(measure()))
         return self._per_row[name]
 
+    def known(self, name: str) -> bool:
+        return name in self._per_row
+
+    def remember(self, name: str, nbytes: float) -> None:
+        """Record the bytes per row of pass ``name`` (measured by the caller)."""
+        self._per_row[name] = max(1.0, float(nbytes))
+
     def rows(self, name: str, total: int, measure: Callable[[], float]) -> int:
         """Rows of pass ``name`` per chunk: ⌊budget / bytes per row⌋, clamped to [1, total]."""
         if total <= 1:
@@ -175,13 +182,34 @@ def enable_block_checkpointing(module: nn.Module) -> int:
 WHOLE = 2**62
 
 
-def _transition_bytes(loss_of: Callable[[Any], torch.Tensor], part: Any, resident: list[nn.Module]) -> float:
-    """Saved bytes of ``loss_of(part)``."""
-    return float(saved_bytes(lambda: loss_of(part), resident))
+def denoiser_checkpointing(backbone: Any) -> bool:
+    """Whether ``backbone``'s denoiser recomputes its blocks in backward passes now."""
+    return bool(getattr(backbone, "gradient_checkpointing_on", False))
+
+
+def _probe(budget: MemoryBudget, name: str, loss_of: Callable[[Any], torch.Tensor], part: Any,
+           resident: list[nn.Module], backbone: Any) -> float:
+    """Saved bytes of ``loss_of(part)`` as the update will run it: with the denoiser checkpointed when the
+    backbone is, else without. Both figures come from one probe, measured once per budget: a backbone that
+    offers ``checkpointed_activations`` runs the probe checkpointed (so the probe itself stays small at any
+    model size) and counts what its blocks would have kept without checkpointing."""
+    key = f"{name}/checkpointed" if denoiser_checkpointing(backbone) else name
+    if not budget.known(key):
+        counting = getattr(backbone, "checkpointed_activations", None)
+        if callable(counting):
+            with counting() as blocks:
+                with_ckpt = float(saved_bytes(lambda: loss_of(part), resident))
+            budget.remember(name, with_ckpt + blocks.bytes)
+            budget.remember(f"{name}/checkpointed", with_ckpt)
+        else:
+            plain = float(saved_bytes(lambda: loss_of(part), resident))
+            budget.remember(name, plain)
+            budget.remember(f"{name}/checkpointed", plain)
+    return budget.per_row(key, lambda: 0.0)
 
 
 def update_rows(objective: nn.Module, batch: Any, loss_of: Callable[[Any], torch.Tensor], budget: MemoryBudget,
-                resident: Iterable[nn.Module] = (), *, capacity: int | None = None) -> int:
+                resident: Iterable[nn.Module] = (), *, capacity: int | None = None, backbone: Any = None) -> int:
     """Transitions per backward of an update within ``budget``: the micro-batch ``batch`` is cut into parts of
     this many transitions, each part's mean loss weighted by its share and backpropagated before the next
     part runs, so only one part's graph is alive at a time.
@@ -191,8 +219,9 @@ def update_rows(objective: nn.Module, batch: Any, loss_of: Callable[[Any], torch
     are cut; any other objective (leave-one-out groups, trajectory balance) takes the micro-batch whole
     (:data:`WHOLE`).
     ``loss_of(part)`` runs the objective on a part; the probe is one transition's forward with a graph
-    (:func:`saved_bytes`, the resident weights left out), measured once per budget. The answer is not capped
-    by ``len(batch)`` (later micro-batches may be longer); ``capacity`` caps it when given."""
+    (:func:`saved_bytes`, the resident weights left out), measured once per budget, with or without the
+    ``backbone``'s denoiser checkpointing as it is set now (:func:`_probe`). The answer is not capped by
+    ``len(batch)`` (later micro-batches may be longer); ``capacity`` caps it when given."""
     n = len(batch)
     if not getattr(objective, "transition_separable", False):
         return WHOLE
@@ -200,7 +229,8 @@ def update_rows(objective: nn.Module, batch: Any, loss_of: Callable[[Any], torch
         return 1
     first = batch.index(torch.arange(1))
     resident = list(resident)
-    return budget.rows("update/transition", capacity or WHOLE, lambda: _transition_bytes(loss_of, first, resident))
+    per_transition = _probe(budget, "update/transition", loss_of, first, resident, backbone)
+    return int(min(capacity or WHOLE, max(1, math.floor(budget.budget_bytes / per_transition))))
 
 
 def parts(batch: Any, rows: int) -> list[Any]:
@@ -212,7 +242,7 @@ def parts(batch: Any, rows: int) -> list[Any]:
 
 
 def update_need(objective: nn.Module, batch: Any, loss_of: Callable[[Any], torch.Tensor], budget: MemoryBudget,
-                resident: Iterable[nn.Module], rows: int) -> float:
+                resident: Iterable[nn.Module], rows: int, *, backbone: Any = None) -> float:
     """Activation bytes of the largest part of ``batch`` cut into ``rows`` transitions: one transition's probe
     (shared with :func:`update_rows`) times the part size, or, for an objective that is never cut, the whole
     micro-batch measured as it is (a transition alone may not be a valid loss there)."""
@@ -222,5 +252,5 @@ def update_need(objective: nn.Module, batch: Any, loss_of: Callable[[Any], torch
     resident = list(resident)
     if getattr(objective, "transition_separable", False):
         one = batch.index(torch.arange(1))
-        return budget.per_row("update/transition", lambda: _transition_bytes(loss_of, one, resident)) * min(rows, n)
-    return budget.per_row("update/micro-batch", lambda: _transition_bytes(loss_of, batch, resident))
+        return _probe(budget, "update/transition", loss_of, one, resident, backbone) * min(rows, n)
+    return _probe(budget, "update/micro-batch", loss_of, batch, resident, backbone)

@@ -470,17 +470,25 @@ class Trainer:
                     return self.objective(part, self.policy, self.lookahead, beta=beta).loss
 
             resident = resident_modules(self.backbone, self.objective, self.reward)
-            rows = update_rows(self.objective, mb, loss_of, self.memory, resident)
-            self._update_part_rows = max(1, int(-self._all_max(-float(rows))))
+
+            def agreed_rows() -> int:  # the smallest cut over the ranks: the same number of backward passes
+                rows = update_rows(self.objective, mb, loss_of, self.memory, resident, backbone=self.backbone)
+                return max(1, int(-self._all_max(-float(rows))))
+
+            self._update_part_rows = agreed_rows()
             # the smallest part still over the budget: recompute the denoiser's activations in the backward
             auto = self.cfg.memory.auto_checkpointing
-            need = update_need(self.objective, mb, loss_of, self.memory, resident, self._update_part_rows) if auto else 0.0
+            need = (update_need(self.objective, mb, loss_of, self.memory, resident, self._update_part_rows,
+                                backbone=self.backbone) if auto else 0.0)
             if self._all_max(float(need > self.memory.budget_bytes)):
                 enable = getattr(self.backbone, "enable_gradient_checkpointing", None)
-                if enable is not None and enable() and self.is_main:
-                    print(f"[gfnalign] memory: an update part needs {need / 2**30:.2f} GB of activations, over the "
-                          f"budget of {self.memory.budget_bytes / 2**30:.2f} GB (memory.budget_gb); gradient "
-                          "checkpointing of the denoiser is on (memory.auto_checkpointing)", file=sys.stderr)
+                if enable is not None and enable():
+                    self._update_part_rows = agreed_rows()  # checkpointed parts hold fewer bytes each
+                    if self.is_main:
+                        print(f"[gfnalign] memory: an update part needs {need / 2**30:.2f} GB of activations, over "
+                              f"the budget of {self.memory.budget_bytes / 2**30:.2f} GB (memory.budget_gb); gradient "
+                              "checkpointing of the denoiser is on (memory.auto_checkpointing), parts of "
+                              f"{self._update_part_rows} transitions", file=sys.stderr)
         return [parts(mb, self._update_part_rows) for mb in micro]
 
     def _update(self, micro: list[TransitionBatch], beta: float) -> dict[str, float]:
