@@ -9,7 +9,8 @@ energy distance in the classifier's feature space.
     python benchmarks/image_tilt.py --workdir /tmp/tilt --betas 1 2 \
         --methods residual-nabla-db dag-db ddpo reward-backprop --plot tilt.png
 
-Runs already trained in WORKDIR are reused (delete them to retrain). Writes WORKDIR/results.json and prints
+``--world digits-flow`` does the same on the flow-matching digits world (``configs/digits-flow-<method>.yaml``,
+its shipped SD3-style pipeline). Runs already trained in WORKDIR are reused (delete them to retrain). Writes WORKDIR/results.json and prints
 a markdown table for BENCHMARKS.md.
 """
 
@@ -32,12 +33,13 @@ REPO = Path(__file__).resolve().parents[1]
 BUDGET = ["sampling.batch_size=32", "training.epochs=60", "training.max_updates_per_epoch=4"]
 
 
-def train(method: str, beta: float, reward: str, prompts: str, out: Path, extra: list[str]) -> float:
+def train(method: str, beta: float, reward: str, prompts: str, out: Path, extra: list[str],
+          world: str = "digits") -> float:
     if (out / "final").is_dir():
         return float("nan")
     sets = [f"reward={reward}", f"prompts={prompts}", f"beta.value={beta}", "logging.report=false",
             "logging.sample_every=0", *BUDGET, *extra]
-    cmd = [sys.executable, "-m", "gfnalign", "train", "--config", str(REPO / "configs" / f"digits-{method}.yaml"),
+    cmd = [sys.executable, "-m", "gfnalign", "train", "--config", str(REPO / "configs" / f"{world}-{method}.yaml"),
            "--out", str(out)] + [a for s in sets for a in ("--set", s)]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -84,6 +86,8 @@ def plot(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--world", choices=["digits", "digits-flow"], default="digits",
+                   help="the UNet digits world or the flow-matching one (presets and pipeline)")
     p.add_argument("--betas", type=float, nargs="+", default=[1.0, 2.0])
     p.add_argument("--methods", nargs="+", default=["residual-nabla-db", "dag-db", "ddpo", "reward-backprop"])
     p.add_argument("--reward", default="digit-preference")
@@ -104,25 +108,30 @@ def main(argv: list[str] | None = None) -> int:
     prompt = load_prompts(args.prompts).prompts[0]
     reward = build_reward(args.reward)
     classifier = load_digit_classifier()
-    backbone = load_digits_backbone()
+    if args.world == "digits-flow":
+        from gfnalign.backbones.digits_flow import load_digits_flow_backbone
+
+        backbone = load_digits_flow_backbone()
+    else:
+        backbone = load_digits_backbone()
     w = args.workdir
     t0 = time.perf_counter()
     target = cached_draws(w / "target.safetensors", lambda: draw(
-        backbone, prompt, args.target_samples, reward, classifier, reference=True, seed=1))
+        backbone, prompt, args.target_samples, reward, classifier, reference=True, seed=1, eta=backbone.eta))
     pretrained = cached_draws(w / "pretrained.safetensors", lambda: draw(
-        backbone, prompt, args.samples, reward, classifier, reference=True, seed=2))
+        backbone, prompt, args.samples, reward, classifier, reference=True, seed=2, eta=backbone.eta))
     print(f"pretrained draws: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
-    results: dict = {"reward": args.reward, "prompt": prompt, "target_samples": args.target_samples,
+    results: dict = {"world": args.world, "reward": args.reward, "prompt": prompt, "target_samples": args.target_samples,
                      "samples": args.samples, "budget": BUDGET + args.extra, "betas": {}}
     for beta in args.betas:
         tgt = tilt_target(target.classes, target.rewards, beta, 10).as_dict()
         rows = {"target": tgt, "pretrained": compare(target, pretrained, beta, 10), "methods": {}}
         for method in args.methods:
             run = w / f"{method}-b{beta:g}"
-            secs = train(method, beta, args.reward, args.prompts, run, args.extra)
+            secs = train(method, beta, args.reward, args.prompts, run, args.extra, args.world)
             backbone.load_adapter(run / "final")
-            d = draw(backbone, prompt, args.samples, reward, classifier, reference=False, seed=3)
+            d = draw(backbone, prompt, args.samples, reward, classifier, reference=False, seed=3, eta=backbone.eta)
             rows["methods"][method] = {**compare(target, d, beta, 10), "train_seconds": secs}
             print(f"beta {beta:g} {method}: TV {rows['methods'][method]['class_mass_tv']:.3f}", file=sys.stderr)
         results["betas"][f"{beta:g}"] = rows

@@ -3,7 +3,10 @@
     .venv/bin/python benchmarks/methods_table.py [--methods all] [--seeds 0,1,2] [--epochs 12] [--evals 4,12]
                                                  [--samples 16] [--set k=v ...] [--publish]
 
-For each method and seed: ``gfnalign train --config configs/digits-<method>.yaml --set seed=S --set
+``--world digits-flow`` runs the same on the flow-matching digits world (``configs/digits-flow-<method>.yaml``,
+where ``grpo`` is among the methods) and writes to ``benchmarks/out/methods-flow`` by default.
+
+For each method and seed: ``gfnalign train --config configs/<world>-<method>.yaml --set seed=S --set
 training.epochs=E`` (the presets cap every epoch at the same number of optimizer updates,
 ``training.max_updates_per_epoch``, so equal epochs = equal update budgets; the script checks this in
 ``metrics.jsonl``; ``--method-epochs reward-backprop=2E`` gives a method with half the updates per epoch
@@ -37,6 +40,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "ddpo", "reward-backprop")
+WORLD_METHODS = {"digits": METHODS, "digits-flow": (*METHODS, "grpo")}
+#: the preset family the sweep trains (``--world``): configs/<WORLD>-<method>.yaml
+WORLD = "digits"
 
 
 def run_dir_of(out: Path, method: str, seed: int, epochs: int, default_epochs: int) -> Path:
@@ -56,7 +62,7 @@ def train_run(method: str, seed: int, epochs: int, evals: list[int], out: Path, 
     sets = [f"seed={seed}", f"training.epochs={epochs}", "logging.checkpoint_every=1",
             f"logging.keep_checkpoints={epochs + 1}", "logging.report=false", "logging.tensorboard=false",
             "logging.progress=false", "logging.sample_every=0", *overrides]
-    preset = out / "presets" / f"digits-{method}.yaml"  # snapshot taken at the start of the sweep
+    preset = out / "presets" / f"{WORLD}-{method}.yaml"  # snapshot taken at the start of the sweep
     cmd = [sys.executable, "-m", "gfnalign", "train", "--config", str(preset), "--out", str(run_dir)]
     for s in sets:
         cmd += ["--set", s]
@@ -111,11 +117,11 @@ def evaluate_runs(runs: dict[tuple[str, int], dict[str, Any]], evals: list[int],
     from gfnalign.training.build import build_backbone, build_reward
     from gfnalign.training.config import TrainConfig
 
-    cfg = TrainConfig.load(out / "presets" / "digits-residual-nabla-db.yaml", overrides)
+    cfg = TrainConfig.load(out / "presets" / f"{WORLD}-residual-nabla-db.yaml", overrides)
     torch.manual_seed(0)
     backbone = build_backbone(cfg, "cpu")
     reward = build_reward(cfg)
-    features = build_features("digits" if cfg.backbone.kind == "digits" else "pixels:8")
+    features = build_features("digits" if cfg.backbone.kind in ("digits", "digits-flow") else "pixels:8")
     from gfnalign.rewards.prompts import load_prompts
 
     prompts = list(dict.fromkeys(load_prompts(cfg.prompts).prompts))
@@ -299,6 +305,8 @@ def check_targets(table: dict[str, Any], curve: dict[str, Any], pretrained: dict
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--world", choices=sorted(WORLD_METHODS), default="digits",
+                   help="preset family: digits (UNet) or digits-flow (SD3-style flow matching)")
     p.add_argument("--methods", default="all")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=12, help="training epochs per run (equal update budget)")
@@ -309,16 +317,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=16, help="evaluation samples per prompt (10 prompts)")
     p.add_argument("--eval-seed", type=int, default=1234)
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra --set for every run")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "methods")
+    p.add_argument("--out", type=Path, default=None, help="default benchmarks/out/methods (-flow for digits-flow)")
     p.add_argument("--skip-train", action="store_true", help="only evaluate existing runs")
     p.add_argument("--publish", action="store_true", help="copy the plots to docs/img/")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process (1: on a CPU shared with other jobs, 2 threads thrash ~10x slower)")
     args = p.parse_args(argv)
+    global WORLD
+    WORLD = args.world
+    if args.out is None:
+        args.out = ROOT / "benchmarks" / "out" / ("methods" if WORLD == "digits" else "methods-flow")
     import torch
 
     torch.set_num_threads(args.threads)
-    methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
+    methods = list(WORLD_METHODS[WORLD]) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     evals = sorted({int(e) for e in args.evals.split(",")}) if args.evals else sorted({max(1, args.epochs // 3), args.epochs})
     method_epochs = {k: int(v) for k, v in (item.split("=", 1) for item in args.method_epochs)}
@@ -326,9 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     # every seed trains from the same preset files, even if configs/ changes during the sweep
     (args.out / "presets").mkdir(exist_ok=True)
     for m in set(methods) | {"residual-nabla-db"}:
-        dst = args.out / "presets" / f"digits-{m}.yaml"
+        dst = args.out / "presets" / f"{WORLD}-{m}.yaml"
         if not dst.is_file():
-            shutil.copy(ROOT / "configs" / f"digits-{m}.yaml", dst)
+            shutil.copy(ROOT / "configs" / f"{WORLD}-{m}.yaml", dst)
 
     runs: dict[tuple[str, int], dict[str, Any]] = {}
     t0 = time.perf_counter()
@@ -361,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         dst = ROOT / "docs" / "img"
         dst.mkdir(parents=True, exist_ok=True)
         for pth in plots:
-            shutil.copy(pth, dst / f"methods_{pth.name}")
+            shutil.copy(pth, dst / f"{args.out.name}_{pth.name}")
     meta = {"command": " ".join(["python", *sys.argv]), "machine": f"{os.cpu_count()}-core {platform.processor() or platform.machine()}",
             "torch": torch.__version__, "threads": args.threads, "seconds": time.perf_counter() - t0, "epochs": args.epochs, "seeds": seeds,
             "evals": evals, "samples_per_prompt": args.samples, "updates_per_run": steps and max(steps.values())}

@@ -568,7 +568,7 @@ def load_weights(backbone: Any, folder: str | Path) -> None:
 def _auto_features(kind: str) -> str:
     from gfnalign.evaluation.features import dreamsim_available
 
-    if kind == "digits":
+    if kind in ("digits", "digits-flow"):  # the shipped digits worlds share the classifier's features
         return "digits"
     if dreamsim_available():
         return "dreamsim"

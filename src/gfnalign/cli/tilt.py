@@ -54,10 +54,10 @@ def run(args: argparse.Namespace) -> int:
     from gfnalign.evaluation.tilt import markdown_section, measure_tilt, plot_class_masses
     from gfnalign.rewards.prompts import load_prompts
     from gfnalign.training.build import build_backbone, build_reward
-    from gfnalign.training.config import TrainConfig
+    from gfnalign.training.config import DIGITS_KINDS, TrainConfig
 
     cfg = TrainConfig.load(cfg_path)
-    if cfg.backbone.kind != "digits":
+    if cfg.backbone.kind not in DIGITS_KINDS:
         return _fail(f"backbone.kind={cfg.backbone.kind!r}: class masses need the digits world's classifier; "
                      "on other backbones compare feature distributions with gfnalign.evaluation.tilt."
                      "weighted_energy_distance")

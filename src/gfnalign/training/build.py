@@ -1,6 +1,6 @@
 """Turn a validated :class:`TrainConfig` into the four things the trainer drives.
 
-``build_components`` loads the backbone (shipped digits model, a Stable Diffusion 1.x/2.x or SDXL folder / hub
+``build_components`` loads the backbone (shipped digits model, UNet or flow, a Stable Diffusion 1.x/2.x or SDXL folder / hub
 id (the family read from the folder's model_index.json, :mod:`gfnalign.backbones.families`), or any
 ``module:function`` returning an object with the backbone interface), the reward, the prompt set and the
 objective (with heads shaped for the backbone). Keyword options are filtered against each factory's
@@ -78,6 +78,10 @@ def build_backbone(cfg: TrainConfig, device: torch.device | str) -> Any:
         from gfnalign.backbones.digits import load_digits_backbone
 
         return with_kernel(load_digits_backbone(cfg.backbone.path, **kw), cfg)
+    if kind == "digits-flow":
+        from gfnalign.backbones.digits_flow import load_digits_flow_backbone
+
+        return with_kernel(load_digits_flow_backbone(cfg.backbone.path, **kw), cfg)
     if kind in ("sd", "sdxl", "sd3", "flux"):
         from gfnalign.backbones.families import backbone_class
 

@@ -33,11 +33,13 @@ import yaml
 
 #: The objectives this trainer knows how to drive (the registry may add more).
 KNOWN_METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "rtb", "ddpo", "grpo", "reward-backprop")
-BACKBONE_KINDS = ("digits", "sd", "sdxl", "sd3", "flux", "python")
+BACKBONE_KINDS = ("digits", "digits-flow", "sd", "sdxl", "sd3", "flux", "python")
+#: the shipped digits worlds (UNet and flow): their classifier gives the features and class masses
+DIGITS_KINDS = ("digits", "digits-flow")
 #: backbone kinds whose folders are diffusers pipelines (resolved by gfnalign.backbones.families)
 PIPELINE_KINDS = ("sd", "sdxl", "sd3", "flux")
 #: kinds whose models are rectified-flow transformers (default kernel flow_sde; T5 max_sequence_length)
-FLOW_KINDS = ("sd3", "flux")
+FLOW_KINDS = ("sd3", "flux", "digits-flow")
 SAMPLER_KERNELS = ("ddim", "flow_sde", "cps")
 BETA_SCHEDULES = ("constant", "linear")
 LOOKAHEAD_MODES = ("cached", "recompute")
@@ -56,7 +58,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class BackboneConfig:
-    # digits (shipped) | sd (diffusers folder / hub id; SDXL, SD3, FLUX folders detected) | sdxl | sd3 | flux | python
+    # digits (shipped) | digits-flow (shipped, SD3-style) | sd (diffusers folder / hub id; SDXL, SD3, FLUX folders detected) | sdxl | sd3 | flux | python
     kind: str = "digits"
     path: str | None = None  # sd: folder or hub id; python: "module:function" returning a backbone
     dtype: str = "float32"  # dtype of the frozen weights
@@ -722,9 +724,9 @@ def _check_reward(cfg: TrainConfig) -> None:
 @register_resource_check
 def _check_backbone_path(cfg: TrainConfig) -> None:
     b = cfg.backbone
-    if b.kind == "digits" and b.path is not None and not (Path(b.path).expanduser() / "model_index.json").is_file():
+    if b.kind in DIGITS_KINDS and b.path is not None and not (Path(b.path).expanduser() / "model_index.json").is_file():
         raise ConfigError(f"backbone.path={b.path!r} is not a diffusers pipeline folder (no model_index.json); "
-                          "leave it null for the shipped digits model")
+                          f"leave it null for the shipped {b.kind} model")
     if b.kind in PIPELINE_KINDS and b.path and (b.path.startswith((".", "/", "~")) or Path(b.path).expanduser().exists()):
         if not (Path(b.path).expanduser() / "model_index.json").is_file():
             raise ConfigError(f"backbone.path={b.path!r} is not a diffusers pipeline folder (no model_index.json); "

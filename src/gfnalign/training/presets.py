@@ -3,6 +3,8 @@
 * ``DEMO``: the embedded default of ``gfnalign demo`` (residual ∇-DB on the shipped digits model with the
   digit-alignment reward; sized to finish in a few minutes on two CPU cores).
 * ``digits-<method>``: every method on the digits world at an equal budget (the methods table in miniature).
+* ``digits-flow-<method>``: the same on the shipped flow-matching digits world (SD3-style, Flow-GRPO's SDE
+  kernel), plus ``grpo`` (:func:`digits_flow_preset`).
 * ``sdxl-<reward>-<method>``: the same rewards and methods on SDXL base at 1024 px (:func:`sdxl_preset`).
 * ``sd35m-<reward>-<method>`` / ``flux1-<reward>-<method>``: SD3.5 Medium and FLUX.1-dev with Flow-GRPO's
   published recipes (:func:`flow_preset`): ``grpo`` for every reward, and relative DAG-DB / residual ∇-DB at
@@ -90,6 +92,30 @@ DEMO["sampling"]["batch_size"] = 32
 DEMO["method"]["options"]["fraction"] = 0.25
 DEMO["training"]["epochs"] = 60
 DEMO["training"]["max_updates_per_epoch"] = 4
+
+# -- the flow-matching digits world ----------------------------------------------------------------------
+#: Flow-GRPO's SDE noise level a of the flow digits world's sampler (its default; SD3.5-M's recipe value)
+DIGITS_FLOW_NOISE_LEVEL = 0.7
+DIGITS_FLOW_METHODS = (*METHODS, "grpo")
+
+
+def digits_flow_preset(method: str) -> dict[str, Any]:
+    """``digits-flow-<method>``: the digits preset of ``method`` on the shipped SD3-style digits world, sampled
+    with Flow-GRPO's SDE (a = 0.7, 20 steps, guidance 1). Same reward, β, budget, options and learning rates
+    as the UNet world's presets (tuned there, not on the flow world). ``grpo`` takes the DDPO preset's budget
+    with groups of 8 images per prompt (two prompts per epoch) and flow_grpo's clip range, advantage clip,
+    mean-reduced log-probs and KL β 0.01 (its SD3.5 PickScore recipe)."""
+    cfg = digits_preset("ddpo" if method == "grpo" else method)
+    cfg["run_name"] = f"digits-flow-{method}"
+    cfg["backbone"]["kind"] = "digits-flow"
+    cfg["sampling"].update({"kernel": "flow_sde", "eta": DIGITS_FLOW_NOISE_LEVEL})
+    if method == "grpo":
+        cfg["sampling"]["images_per_prompt"] = 8
+        cfg["method"] = {"name": "grpo", "options": {"clip_range": 1e-4, "adv_clip": 5.0, "kl_beta": 0.01,
+                                                     "fraction": 0.1, "stratified": True,
+                                                     "log_prob_reduction": "mean"}}
+    return cfg
+
 
 # -- Stable Diffusion 1.5 ------------------------------------------------------------------------------
 # Prompt sets as in the authors' code (spec/nabla_gfn.md §7.2, spec/dag.md §6.2); the files are not shipped
@@ -327,6 +353,7 @@ def flow_preset(model: str, reward: str, method: str) -> dict[str, Any]:
 
 def all_presets() -> dict[str, dict[str, Any]]:
     out = {f"digits-{m}": digits_preset(m) for m in METHODS}
+    out.update({f"digits-flow-{m}": digits_flow_preset(m) for m in DIGITS_FLOW_METHODS})
     for reward in _SD_REWARDS:
         for m in _SD_METHODS_FOR.get(reward, METHODS):
             out[f"sd15-{reward}-{m}"] = sd15_preset(reward, m)

@@ -47,7 +47,7 @@ from gfnalign.objectives.base import Collective
 from gfnalign.rewards.base import RewardOutputError
 from gfnalign.training import checkpoint as ckpt
 from gfnalign.training.build import Components, build_components
-from gfnalign.training.config import TrainConfig
+from gfnalign.training.config import DIGITS_KINDS, TrainConfig
 from gfnalign.training.engine import (
     TrainStep,
     engine_traits,
@@ -716,7 +716,7 @@ class Trainer:
         return torch.cat(images), torch.cat(rewards)
 
     def _feature_fn(self) -> Any:
-        kind = "digits" if self.cfg.backbone.kind == "digits" else "pixels:16"
+        kind = "digits" if self.cfg.backbone.kind in DIGITS_KINDS else "pixels:16"
         try:
             from gfnalign.evaluation.features import build_features
 
@@ -821,7 +821,8 @@ class Trainer:
 
     def _model_card(self) -> str:
         c = self.cfg
-        base = c.backbone.path or ("gfnalign shipped digits pipeline" if c.backbone.kind == "digits" else c.backbone.kind)
+        base = c.backbone.path or (f"gfnalign shipped {c.backbone.kind} pipeline" if c.backbone.kind in DIGITS_KINDS
+                                   else c.backbone.kind)
         pipeline_class = str(getattr(self.backbone, "pipeline_class_name", "StableDiffusionPipeline"))
         return "\n".join([
             "---", "library_name: diffusers", "tags: [lora, text-to-image, gflownet, gfnalign]", "---", "",
