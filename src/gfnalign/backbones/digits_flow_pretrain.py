@@ -377,6 +377,13 @@ floating-point bits. Intended for tests, demos and method comparisons only.
 """
 
 
+def drop_source_path(config_file: Path) -> None:
+    """Remove ``_name_or_path`` (the folder the VAE was loaded from, a machine path) from a saved config."""
+    cfg = json.loads(config_file.read_text())
+    cfg.pop("_name_or_path", None)
+    config_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 # -- entry point ----------------------------------------------------------------------------------------
 
 
@@ -447,9 +454,12 @@ def main(argv: list[str] | None = None) -> int:
     if pipe_dir.exists():
         shutil.rmtree(pipe_dir)
     pipe.save_pretrained(pipe_dir, safe_serialization=True)
+    drop_source_path(pipe_dir / "vae" / "config.json")
     report = {
         "command": "python scripts/pretrain_digits_flow.py " + " ".join(argv if argv is not None else []),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        # the package's own folder is recorded by name, not by this machine's path
+        "args": {k: ("assets/digits_flow (default)" if v == ASSET_DIR else str(v) if isinstance(v, Path) else v)
+                 for k, v in vars(args).items()},
         "torch": torch.__version__, "threads": args.threads, "transformer": info, "final": final,
         "total_minutes": (time.time() - t_start) / 60,
     }
