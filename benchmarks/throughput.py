@@ -155,7 +155,8 @@ class Harness:
         self.reward = reward if reward is not None else build_reward(self.cfg)
         self.objective = build_objective(self.cfg, self.backbone).to(device)
         self.lookahead = RewardLookahead(self.backbone, self.reward, model=self.cfg.lookahead.model,
-                                         guided=self.cfg.lookahead.guided)
+                                         guided=self.cfg.lookahead.guided,
+                                         auto_checkpointing=self.cfg.memory.auto_checkpointing)  # as the trainer
         params = [p for p in self._policy_params()] + [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.cfg.training.lr)
         self.probe = NetProbe()

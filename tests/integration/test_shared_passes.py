@@ -308,3 +308,35 @@ def test_the_update_probe_runs_checkpointed_and_estimates_the_uncheckpointed_nee
         assert update_rows(obj, batch, loss_of, roomy, resident, backbone=bb) == 2
     finally:
         bb.unet.disable_gradient_checkpointing()
+
+
+def test_the_lookahead_recomputes_decoder_and_reward_blocks_when_one_row_is_over_the_budget(world, capsys):
+    """At 512 px one row of the VAE decoder's graph holds several GB: with ``auto_checkpointing`` and a budget
+    below one row, the lookahead turns on block checkpointing of the decoder, re-measures (fewer bytes per row)
+    and gives the same ∇r; without the option nothing changes."""
+    import copy
+
+    from gfnalign.training.memory import MemoryBudget
+
+    bb, reward, traj = world
+    bb = copy.deepcopy(bb)  # the decoder's blocks get wrapped: keep the module-scoped world untouched
+    x = traj.states[:, :-1].flatten(0, 1)
+    t = bb.schedule.timesteps[traj.steps].repeat(2)
+    cond = traj.cond.repeat_interleave(traj.num_steps, 0)
+    terminal = torch.zeros(x.shape[0], dtype=torch.bool)
+
+    def make(auto):
+        la = RewardLookahead(bb, reward, model="reference", memory=MemoryBudget(1e-9), auto_checkpointing=auto)
+        la.set_prompts(traj.cond, traj.prompts)
+        return la
+
+    plain = make(False)
+    g_plain = plain.grad_log_reward(x, t, cond, terminal=terminal)
+    per_row_plain = plain.memory.per_row("lookahead/decode+reward", pytest.fail)
+    assert not getattr(bb.vae.decoder.up_blocks[0], "_gfnalign_checkpointed", False)
+    auto = make(True)
+    g_auto = auto.grad_log_reward(x, t, cond, terminal=terminal)
+    assert "their blocks are recomputed in the backward now" in capsys.readouterr().err
+    assert getattr(bb.vae.decoder.up_blocks[0], "_gfnalign_checkpointed", False)
+    assert auto.memory.per_row("lookahead/decode+reward", pytest.fail) < 0.8 * per_row_plain
+    torch.testing.assert_close(g_auto, g_plain, rtol=1e-10, atol=1e-12)

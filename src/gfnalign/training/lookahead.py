@@ -37,6 +37,7 @@ memory budget are not counted).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -126,6 +127,7 @@ class RewardLookahead:
         counters: Counters | None = None,
         chunk_size: int | None = None,
         memory: MemoryBudget | None = None,
+        auto_checkpointing: bool = False,
     ) -> None:
         if model not in ("policy", "reference"):
             raise ValueError(f"lookahead.model={model!r} is not allowed; use policy or reference")
@@ -138,6 +140,9 @@ class RewardLookahead:
             raise ValueError(f"chunk_size={chunk_size!r} must be a positive int (or None: from the memory budget)")
         self.chunk_size = chunk_size
         self.memory = memory if memory is not None else MemoryBudget(None, _device_of(backbone))
+        # recompute the decoder's / reward's blocks when one row of their graph exceeds the budget
+        self.auto_checkpointing = bool(auto_checkpointing)
+        self._image_checkpointed = False
         self._cond_table: torch.Tensor | None = None
         self._prompt_table: list[str] = []
 
@@ -231,13 +236,35 @@ class RewardLookahead:
         """Rows per decode + reward pass within the memory budget."""
         if self.chunk_size is not None:
             return self.chunk_size
+        self._fit_image_pass(x0, cond)
         return self.memory.rows("lookahead/decode+reward", x0.shape[0], lambda: self._image_bytes(x0, cond))
+
+    def _fit_image_pass(self, x0: torch.Tensor, cond: Any) -> None:
+        """With ``auto_checkpointing``: when one row's decode + reward graph is over the budget (the VAE decoder
+        at 512 px keeps several GB for its backward), recompute their blocks in the backward instead, once, and
+        measure again."""
+        if not self.auto_checkpointing or self._image_checkpointed:
+            return
+        self._image_checkpointed = True
+        per_row = self.memory.per_row("lookahead/decode+reward", lambda: self._image_bytes(x0, cond))
+        if per_row <= self.memory.budget_bytes:
+            return
+        has_vae = isinstance(getattr(self.backbone, "vae", None), torch.nn.Module)
+        wrapped = self.enable_checkpointing(decoder=has_vae, reward=bool(getattr(self.reward, "differentiable", False)))
+        if not any(wrapped.values()):
+            return
+        self.memory.forget("decode", "lookahead/decode+reward", "lookahead/x0+decode+reward")
+        after = self.memory.per_row("lookahead/decode+reward", lambda: self._image_bytes(x0, cond))
+        print(f"[gfnalign] memory: one row of the decoder + reward graph needs {per_row / 2**30:.2f} GB, over the "
+              f"budget of {self.memory.budget_bytes / 2**30:.2f} GB (memory.budget_gb); their blocks are recomputed "
+              f"in the backward now ({after / 2**30:.2f} GB per row; memory.auto_checkpointing)", file=sys.stderr)
 
     def rows_all(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> int:
         """Rows per x0_hat + decode + reward pass (the graph of all three alive at once)."""
         if self.chunk_size is not None:
             return self.chunk_size
         n = x.shape[0]
+        self._fit_image_pass(x, cond)
         return self.memory.rows("lookahead/x0+decode+reward", n, lambda: (
             self.memory.per_row("lookahead/x0", lambda: self._x0_bytes(x, t, cond))
             + self.memory.per_row("lookahead/decode+reward", lambda: self._image_bytes(x, cond))))

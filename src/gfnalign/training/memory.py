@@ -112,6 +112,11 @@ class MemoryBudget:
     def known(self, name: str) -> bool:
         return name in self._per_row
 
+    def forget(self, *names: str) -> None:
+        """Drop measurements that no longer hold (e.g. after turning on checkpointing)."""
+        for name in names:
+            self._per_row.pop(name, None)
+
     def remember(self, name: str, nbytes: float) -> None:
         """Record the bytes per row of pass ``name`` (measured by the caller)."""
         self._per_row[name] = max(1.0, float(nbytes))

@@ -233,7 +233,8 @@ class Trainer:
         self.memory = MemoryBudget(cfg.memory.budget_gb, self.device)
         self._update_part_rows: int | None = None  # transitions per backward, from the budget at the first update
         self.lookahead = RewardLookahead(self.backbone, self.reward, model=cfg.lookahead.model,
-                                         guided=cfg.lookahead.guided, counters=self.counters, memory=self.memory)
+                                         guided=cfg.lookahead.guided, counters=self.counters, memory=self.memory,
+                                         auto_checkpointing=cfg.memory.auto_checkpointing)
         self.lookahead.enable_checkpointing(decoder=cfg.memory.checkpoint_decoder, reward=cfg.memory.checkpoint_reward)
 
         self.policy_params = [p for p in self.backbone.trainable_parameters() if p.requires_grad]
