@@ -130,7 +130,8 @@ def test_demo_embedded_config_is_valid():
     out = _gfnalign("demo", "--print-config")
     assert out.returncode == 0, out.stderr
     cfg = yaml.safe_load(out.stdout)
-    assert cfg["method"]["name"] == "residual-nabla-db" and cfg["reward"] == "digit-alignment"
+    assert cfg["method"]["name"] == "dag-db" and cfg["method"]["options"]["relative"] is True
+    assert cfg["reward"] == "digit-preference" and cfg["prompts"] == "digits-open"
 
 
 def test_demo_smoke_on_the_shipped_digits_model(tmp_path):
@@ -141,8 +142,13 @@ def test_demo_smoke_on_the_shipped_digits_model(tmp_path):
         pytest.skip("shipped digits assets are not present")
     out = _gfnalign("demo", "--out", str(tmp_path / "demo"), "--set", "training.epochs=1", "--set",
                     "sampling.num_steps=5", "--set", "sampling.batch_size=4", "--set", "logging.eval_samples=20",
-                    "--set", "logging.progress=false")
+                    "--set", "logging.progress=false", "--target-samples", "48", "--tilt-samples", "24")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "demo finished" in out.stdout
+    assert "demo finished" in out.stdout and "class-mass TV to the target" in out.stdout
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "pretrained (before)" in report and "fine-tuned (after)" in report
+    # the class masses (pretrained, target, fine-tuned) sit beside the before/after grids, before the last table
+    section = report.index("class masses against the tilted target")
+    assert report.index("### After") < section < report.index("## Last update")
+    if "tilt_class_masses.png" in report:  # the chart needs matplotlib (the report extra)
+        assert (tmp_path / "demo" / "tilt_class_masses.png").is_file()

@@ -167,6 +167,12 @@ def test_lookahead_chunks_follow_the_memory_budget_and_give_the_unchunked_result
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(single.cache_trajectory(traj).lookahead_reward,
                                whole.cache_trajectory(traj).lookahead_reward, rtol=1e-10, atol=1e-12)
+    # the cache's chunks are sized for all its states, not for the one-row probe that measures them
+    calls = []
+    predict = whole._predict_x0
+    whole._predict_x0 = lambda x, *a, **k: calls.append(x.shape[0]) or predict(x, *a, **k)
+    whole.cache_trajectory(traj)
+    assert calls == [traj.batch_size * traj.num_steps]  # every non-terminal state in one pass
     torch.testing.assert_close(single.decode_chunked(x), whole.decode_chunked(x), rtol=1e-10, atol=1e-12)
     assert whole.enable_checkpointing(decoder=True, reward=False)["decoder"] > 0
     torch.testing.assert_close(whole.grad_log_reward(x, t, cond, terminal=terminal),

@@ -21,7 +21,7 @@ def test_import_gfnalign_is_light_and_names_resolve_lazily():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "residual-nabla-db"
+    assert res.stdout.strip() == "dag-db"
 
 
 def test_every_public_name_is_importable():

@@ -43,9 +43,34 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"--target-samples={args.target_samples} and --samples={args.samples} must be at least 2")
     if args.beta is not None and not math.isfinite(args.beta):
         return _fail(f"--beta={args.beta} must be a finite number")
-    cfg_path = args.run / "config.yaml"
+    try:
+        result, md = measure_run(args.run, lora=args.lora, beta=args.beta, target_samples=args.target_samples,
+                                 samples=args.samples, max_prompts=args.max_prompts, seed=args.seed,
+                                 report=not args.no_report)
+    except TiltRunError as err:
+        return _fail(str(err))
+    print(md)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+class TiltRunError(ValueError):
+    """A run that cannot be measured (no config, not the digits world, unreadable adapters)."""
+
+
+def measure_run(run_dir: Path, *, lora: Path | None = None, beta: float | None = None, target_samples: int = 4000,
+                samples: int = 1000, max_prompts: int | None = None, seed: int = 0, report: bool = True,
+                before_heading: str | None = None) -> tuple[dict, str]:
+    """The image-world benchmark for one run: ``(result, markdown section)``.
+
+    With ``report`` the section and its bar chart (``tilt_class_masses.png``) go into ``RUN/report.md``: at the
+    end, or just before the line ``before_heading`` when the report has it (the demo puts it beside the grids).
+    """
+    cfg_path = Path(run_dir) / "config.yaml"
     if not cfg_path.is_file():
-        return _fail(f"{cfg_path} not found; --run must be a directory written by `gfnalign train`")
+        raise TiltRunError(f"{cfg_path} not found; --run must be a directory written by `gfnalign train`")
 
     import torch
 
@@ -58,37 +83,40 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig.load(cfg_path)
     if cfg.backbone.kind not in DIGITS_KINDS:
-        return _fail(f"backbone.kind={cfg.backbone.kind!r}: class masses need the digits world's classifier; "
-                     "on other backbones compare feature distributions with gfnalign.evaluation.tilt."
-                     "weighted_energy_distance")
-    lora = args.lora or args.run / "final"
+        raise TiltRunError(f"backbone.kind={cfg.backbone.kind!r}: class masses need the digits world's classifier; "
+                           "on other backbones compare feature distributions with gfnalign.evaluation.tilt."
+                           "weighted_energy_distance")
+    lora = Path(lora) if lora is not None else Path(run_dir) / "final"
     torch.manual_seed(cfg.seed)
     backbone = build_backbone(cfg, torch.device("cpu"))
     from gfnalign.training.checkpoint import CheckpointError
     from gfnalign.training.weights import WeightsError
 
     try:
-        load_weights(backbone, Path(lora))
+        load_weights(backbone, lora)
     except (WeightsError, CheckpointError) as err:
-        return _fail(" ".join(str(err).split()))
-    prompts = list(dict.fromkeys(prompt_texts(load_prompts(cfg.prompts))))[: args.max_prompts]
-    beta = float(cfg.beta.value if args.beta is None else args.beta)
+        raise TiltRunError(" ".join(str(err).split())) from None
+    prompts = list(dict.fromkeys(prompt_texts(load_prompts(cfg.prompts))))[:max_prompts]
+    beta = float(cfg.beta.value if beta is None else beta)
     classifier = DigitFeatures().classifier
-    result = measure_tilt(backbone, prompts, build_reward(cfg), beta, classifier, target_samples=args.target_samples,
-                          samples=args.samples, seed=args.seed, eta=cfg.sampling.eta)
-    result.update({"run": str(args.run), "method": cfg.method.name, "reward": cfg.reward})
+    result = measure_tilt(backbone, prompts, build_reward(cfg), beta, classifier, target_samples=target_samples,
+                          samples=samples, seed=seed, eta=cfg.sampling.eta)
+    result.update({"run": str(run_dir), "method": cfg.method.name, "reward": cfg.reward})
     image = None
     try:
-        plot_class_masses(result, args.run / "tilt_class_masses.png")
+        plot_class_masses(result, Path(run_dir) / "tilt_class_masses.png")
         image = "tilt_class_masses.png"
     except ImportError:
         print("note: matplotlib is not installed; no class-mass chart (pip install 'gfnalign[report]')")
     md = markdown_section(result, image)
-    print(md)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    if not args.no_report:
-        with open(args.run / "report.md", "a") as fh:
-            fh.write("\n" + md)
-    return 0
+    if report:
+        path = Path(run_dir) / "report.md"
+        text = path.read_text() if path.is_file() else ""
+        marker = f"\n{before_heading}" if before_heading else None
+        if marker and marker in text:
+            at = text.index(marker) + 1
+            text = text[:at] + md + "\n" + text[at:]
+        else:
+            text = text + "\n" + md
+        path.write_text(text)
+    return result, md

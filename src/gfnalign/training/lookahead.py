@@ -226,18 +226,21 @@ class RewardLookahead:
                                  self._resident())
         return total
 
-    def rows_x0(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> int:
-        """Rows per x0_hat network pass (CFG included) within the memory budget."""
+    def rows_x0(self, x: torch.Tensor, t: torch.Tensor, cond: Any, total: int | None = None) -> int:
+        """Rows per x0_hat network pass (CFG included) within the memory budget, for ``total`` rows
+        (default ``x.shape[0]``; ``x`` may be a one-row probe of them)."""
         if self.chunk_size is not None:
             return self.chunk_size
-        return self.memory.rows("lookahead/x0", x.shape[0], lambda: self._x0_bytes(x, t, cond))
+        n = x.shape[0] if total is None else total
+        return self.memory.rows("lookahead/x0", n, lambda: self._x0_bytes(x, t, cond))
 
-    def rows_image(self, x0: torch.Tensor, cond: Any) -> int:
-        """Rows per decode + reward pass within the memory budget."""
+    def rows_image(self, x0: torch.Tensor, cond: Any, total: int | None = None) -> int:
+        """Rows per decode + reward pass within the memory budget (``total`` as in :meth:`rows_x0`)."""
         if self.chunk_size is not None:
             return self.chunk_size
         self._fit_image_pass(x0, cond)
-        return self.memory.rows("lookahead/decode+reward", x0.shape[0], lambda: self._image_bytes(x0, cond))
+        n = x0.shape[0] if total is None else total
+        return self.memory.rows("lookahead/decode+reward", n, lambda: self._image_bytes(x0, cond))
 
     def _fit_image_pass(self, x0: torch.Tensor, cond: Any) -> None:
         """With ``auto_checkpointing``: when one row's decode + reward graph is over the budget (the VAE decoder
@@ -379,11 +382,12 @@ class RewardLookahead:
             cond = None if traj.cond is None else traj.cond[r.to(traj.cond.device)]
             return traj.states[r, k], steps[k], cond
 
+        # chunk sizes for all the live states, measured on one of them (a one-row total would mean one row per pass)
         x1, step1, cond1 = inputs(live[:1])
         if own_x0:
-            outer = self.rows_image(x1, cond1)
+            outer = self.rows_image(x1, cond1, total=live.shape[0])
         else:
-            outer = self.rows_x0(x1, schedule.timesteps.to(device)[step1], cond1)
+            outer = self.rows_x0(x1, schedule.timesteps.to(device)[step1], cond1, total=live.shape[0])
         for s in range(0, live.shape[0], outer):
             idx = live[s:s + outer]
             x, step, cond = inputs(idx)

@@ -761,7 +761,8 @@ class Trainer:
             by_prompt[p] = float(vals[torch.isfinite(vals)].mean()) if torch.isfinite(vals).any() else float("nan")
         per_prompt = len(prompts) // max(len(set(prompts)), 1)
         captions = [f"{p.replace('a handwritten digit ', '')} r={float(r):.2f}" for p, r in zip(prompts, rewards)]
-        grid = save_grid(images, captions, self.run_dir / "samples" / f"{tag}.png", cols=per_prompt)
+        # one row per prompt, wrapped at 20 images (one open prompt would otherwise give a single long row)
+        grid = save_grid(images, captions, self.run_dir / "samples" / f"{tag}.png", cols=min(per_prompt, 20))
         self.tracker.log_grid(tag, grid, "; ".join(captions), self.step)
         finite = rewards[torch.isfinite(rewards)]
         extra = {}
