@@ -39,7 +39,7 @@ SKIP_TAGS: dict[str, tuple[str, str]] = {
 TINY_TRAIN = ["--set", "training.epochs=1", "--set", "sampling.num_steps=4", "--set", "sampling.batch_size=4",
               "--set", "sampling.batches_per_epoch=1", "--set", "training.max_updates_per_epoch=1",
               "--set", "logging.eval_samples=4", "--set", "logging.grid_prompts=2", "--set", "logging.progress=false"]
-TINY_ARGS = {"demo": TINY_TRAIN, "train": TINY_TRAIN, "eval": ["--samples", "2", "--max-prompts", "2"],
+TINY_ARGS = {"demo": [*TINY_TRAIN, "--target-samples", "16", "--tilt-samples", "8"], "train": TINY_TRAIN, "eval": ["--samples", "2", "--max-prompts", "2"],
              "sample": ["--n", "1"], "toy": ["--steps", "5", "--samples", "2000", "--quiet"]}
 
 
