@@ -314,11 +314,9 @@ rewards (`../digits/`); `backbone.kind: digits-flow` and the `digits-flow-<metho
 
 Load with plain diffusers (offline; T5 is absent, so pass it as `None`, the documented way to drop it):
 
-```python
-from diffusers import StableDiffusion3Pipeline
-pipe = StableDiffusion3Pipeline.from_pretrained(".../digits_flow/pipeline", text_encoder_3=None, tokenizer_3=None)
-images = pipe(["a handwritten digit seven"] * 4, output_type="pt").images   # [4, 3, 16, 16]
-```
+`StableDiffusion3Pipeline.from_pretrained(".../digits_flow/pipeline", text_encoder_3=None, tokenizer_3=None)`,
+then `pipe(["a handwritten digit seven"] * 4, output_type="pt").images` (`[4, 3, 16, 16]`; more in the project's
+`docs/digits_model_card.md`);
 
 or `gfnalign.backbones.digits_flow.load_digits_flow_backbone()` (the world's sampler defaults below).
 
