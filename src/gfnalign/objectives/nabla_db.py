@@ -121,6 +121,7 @@ class NablaDB(ScoreBalanceObjective):
 
         # with lookahead.model = policy, ∇r(x̂0(x_t)) is read from the policy's own pass at x_t
         shared = self.shared_lookahead_pass(lookahead, policy, batch, at_t=self.uses_reverse) == "policy"
+        batch = self.prefetch_lookahead_grads(batch, lookahead, t, t_next, at_t=self.uses_reverse, shared=shared)
         eps, kernel, fwd, rev, grad_t = self.policy_scores(policy, batch, reference=False,
                                                            lookahead=lookahead if shared else None)
 

@@ -191,6 +191,8 @@ class ResidualNablaDB(ScoreBalanceObjective):
         # ∇r(x̂0(x_t)) is read from the policy's or the reference's own pass at x_t when the lookahead's x̂0
         # comes from that network (one network pass per transition fewer)
         shared = self.shared_lookahead_pass(lookahead, policy, batch, at_t=at_t)
+        batch = self.prefetch_lookahead_grads(batch, lookahead, t, t_next, at_t=at_t,
+                                              at_next=not current or bootstrap, shared=shared is not None)
         grad_t = None
         if closed_form:  # no policy reverse score; the reference's VJP comes after ψ (peak memory)
             x_pol = x_t.detach().requires_grad_(True) if shared == "policy" else None
@@ -203,10 +205,12 @@ class ResidualNablaDB(ScoreBalanceObjective):
                 eps_ref, kernel_ref = self.policy_kernel(policy, batch, reference=True, x_t=x_req)
                 grad_t = self.shared_reward_grad(lookahead, x_req, eps_ref, policy, batch)
         else:
+            # the reference first, keeping only its detached scores: its graph and the shared VJP's decoder +
+            # reward backward are gone before the policy's graph is built (peak memory)
+            fwd_ref, rev_ref, grad_ref = self.policy_scores(
+                policy, batch, reference=True, lookahead=lookahead if shared == "reference" else None)[2:]
             eps, kernel, fwd, rev, grad_t = self.policy_scores(
                 policy, batch, reference=False, lookahead=lookahead if shared == "policy" else None)
-            _, _, fwd_ref, rev_ref, grad_ref = self.policy_scores(
-                policy, batch, reference=True, lookahead=lookahead if shared == "reference" else None)
             grad_t = grad_ref if grad_ref is not None else grad_t
 
         # ψ(x_next) is read by the paper's forward condition and by the bootstrap target; ψ(x_t) by the

@@ -178,6 +178,38 @@ class ScoreBalanceObjective(TransitionObjective):
                 psi_t = psi_t + g_t
         return psi_next, psi_t, g_final
 
+    def prefetch_lookahead_grads(
+        self, batch: TransitionBatch, lookahead: Lookahead | None, t: torch.Tensor, t_next: torch.Tensor, *,
+        at_t: bool, at_next: bool = True, shared: bool = False,
+    ) -> TransitionBatch:
+        """The batch with the Lookahead's ∇r(x̂0) filled in at the states :meth:`flow_scores` will read
+        (``lookahead_grad_t`` / ``_next``, as a cache), computed now, before any of the objective's network
+        passes keeps a graph: the Lookahead's own x̂0 pass and its decoder + reward backward are the largest
+        transient of a transition at image size, and so never coexist with the policy's or the reference's
+        graph (peak memory). The values are the ones :meth:`flow_scores` would compute (same rows, same
+        Lookahead call). ``shared``: ∇r(x̂0(x_t)) will be read from one of the objective's own passes, so
+        the x_t rows are left out."""
+        if lookahead is None:
+            return batch
+        last = batch.is_last
+        ones, zeros = torch.ones_like(last), torch.zeros_like(last)
+        rows_next = ones if (self.forward_looking and at_next) else last
+        rows_t = ones if (self.forward_looking and at_t and not shared) else zeros
+        fill_t = batch.lookahead_grad_t is None and bool(rows_t.any())
+        fill_next = batch.lookahead_grad_next is None and bool(rows_next.any())
+        if not (fill_t or fill_next):
+            return batch
+        grad_t, grad_next = lookahead_pair(
+            "grad", lookahead, batch.lookahead_grad_t, batch.lookahead_grad_next,
+            batch.x_t, t, rows_t, batch.x_next, t_next, rows_next, last, batch.cond,
+        )
+        fields = {}
+        if fill_t:
+            fields["lookahead_grad_t"] = grad_t
+        if fill_next:
+            fields["lookahead_grad_next"] = grad_next
+        return batch.with_fields(**fields)
+
     # -- policy scores ---------------------------------------------------------------------------------
     def policy_scores(
         self, policy: PolicyModel, batch: TransitionBatch, *, reference: bool, lookahead: Lookahead | None = None,
