@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+",
                    default=["rtb", "dag-db-relative", "residual-nabla-db", "ddpo", "reward-backprop"],
                    help=f"digits presets or variants ({', '.join(VARIANTS)})")
-    p.add_argument("--reward", default="digit-preference")
+    p.add_argument("--reward", default="digit-preference",
+                   help="a registered reward or a YAML mapping, e.g. '{name: digit-preference, values: [...]}'")
     p.add_argument("--prompts", default="digits-open")
     p.add_argument("--target-samples", type=int, default=6000)
     p.add_argument("--samples", type=int, default=1000)
@@ -120,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     prompt = load_prompts(args.prompts).prompts[0]
-    reward = build_reward(args.reward)
+    import yaml
+
+    spec = yaml.safe_load(args.reward)  # the same text goes to every training run as --set reward=...
+    reward = build_reward(spec if isinstance(spec, dict) else args.reward)
     classifier = load_digit_classifier()
     if args.world in FLOW_KINDS:
         from gfnalign.backbones.digits_flow import load_digits_flow_backbone
