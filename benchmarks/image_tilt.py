@@ -31,6 +31,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from gfnalign.training.config import DIGITS_KINDS, FLOW_KINDS  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 # The demo's budget (presets.DEMO): 60 epochs x 32 trajectories x 20 steps, 4 updates per epoch.
 BUDGET = ["sampling.batch_size=32", "training.epochs=60", "training.max_updates_per_epoch=4"]
@@ -96,13 +98,14 @@ def plot(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, required=True)
-    p.add_argument("--world", choices=["digits", "digits-flow"], default="digits",
+    p.add_argument("--world", choices=DIGITS_KINDS, default="digits",
                    help="the UNet digits world or the flow-matching one (presets and pipeline)")
     p.add_argument("--betas", type=float, nargs="+", default=[1.0, 2.0])
     p.add_argument("--methods", nargs="+",
                    default=["rtb", "dag-db-relative", "residual-nabla-db", "ddpo", "reward-backprop"],
                    help=f"digits presets or variants ({', '.join(VARIANTS)})")
-    p.add_argument("--reward", default="digit-preference")
+    p.add_argument("--reward", default="digit-preference",
+                   help="a registered reward or a YAML mapping, e.g. '{name: digit-preference, values: [...]}'")
     p.add_argument("--prompts", default="digits-open")
     p.add_argument("--target-samples", type=int, default=6000)
     p.add_argument("--samples", type=int, default=1000)
@@ -118,9 +121,12 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     prompt = load_prompts(args.prompts).prompts[0]
-    reward = build_reward(args.reward)
+    import yaml
+
+    spec = yaml.safe_load(args.reward)  # the same text goes to every training run as --set reward=...
+    reward = build_reward(spec if isinstance(spec, dict) else args.reward)
     classifier = load_digit_classifier()
-    if args.world == "digits-flow":
+    if args.world in FLOW_KINDS:
         from gfnalign.backbones.digits_flow import load_digits_flow_backbone
 
         backbone = load_digits_flow_backbone()

@@ -38,9 +38,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gfnalign.training.config import DIGITS_KINDS, FLOW_KINDS
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "ddpo", "reward-backprop")
-WORLD_METHODS = {"digits": METHODS, "digits-flow": (*METHODS, "grpo")}
+#: the preset families (``--world``): every shipped digits world; the flow-matching one adds the Flow-GRPO baseline
+WORLD_METHODS = {kind: (*METHODS, "grpo") if kind in FLOW_KINDS else METHODS for kind in DIGITS_KINDS}
 #: the preset family the sweep trains (``--world``): configs/<WORLD>-<method>.yaml
 WORLD = "digits"
 
@@ -121,7 +124,7 @@ def evaluate_runs(runs: dict[tuple[str, int], dict[str, Any]], evals: list[int],
     torch.manual_seed(0)
     backbone = build_backbone(cfg, "cpu")
     reward = build_reward(cfg)
-    features = build_features("digits" if cfg.backbone.kind in ("digits", "digits-flow") else "pixels:8")
+    features = build_features("digits" if cfg.backbone.kind in DIGITS_KINDS else "pixels:8")
     from gfnalign.rewards.prompts import load_prompts
 
     prompts = list(dict.fromkeys(load_prompts(cfg.prompts).prompts))

@@ -567,8 +567,9 @@ def load_weights(backbone: Any, folder: str | Path) -> None:
 
 def _auto_features(kind: str) -> str:
     from gfnalign.evaluation.features import dreamsim_available
+    from gfnalign.training.config import DIGITS_KINDS
 
-    if kind in ("digits", "digits-flow"):  # the shipped digits worlds share the classifier's features
+    if kind in DIGITS_KINDS:  # the shipped digits worlds share the classifier's features
         return "digits"
     if dreamsim_available():
         return "dreamsim"

@@ -12,6 +12,7 @@ import torch
 
 from gfnalign.backbones.digits import DIGIT_PROMPTS
 from gfnalign.backbones.digits_flow import PIPELINE_DIR
+from gfnalign.training.presets import DIGITS_FLOW_METHODS
 from tests.integration._train_utils import metrics_rows
 
 pytestmark = pytest.mark.slow
@@ -74,10 +75,7 @@ def test_shipped_flow_pipeline_loads_in_plain_diffusers_and_draws_prompted_digit
 def _flow_config(method: str, prompts: Path) -> dict:
     from gfnalign.training.presets import digits_flow_preset
 
-    # rtb has no digits preset: the dag-db one with rtb's defaults
-    cfg = digits_flow_preset("dag-db" if method == "rtb" else method)
-    if method == "rtb":
-        cfg["method"] = {"name": "rtb", "options": {}}
+    cfg = digits_flow_preset(method)
     cfg["prompts"] = str(prompts)
     cfg["sampling"].update({"num_steps": 4, "batch_size": 4, "batches_per_epoch": 1})
     if "images_per_prompt" in cfg["sampling"]:
@@ -90,8 +88,7 @@ def _flow_config(method: str, prompts: Path) -> dict:
     return cfg
 
 
-@pytest.mark.parametrize("method", ["grpo", "dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "rtb", "ddpo",
-                                    "reward-backprop"])
+@pytest.mark.parametrize("method", DIGITS_FLOW_METHODS)
 def test_digits_flow_preset_trains_and_its_lora_loads_in_plain_diffusers(method, tmp_path):
     """Every method's digits-flow preset (shrunk to one update) through the trainer; the final LoRA changes
     the samples of a plain StableDiffusion3Pipeline loaded from the shipped folder."""

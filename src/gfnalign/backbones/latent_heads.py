@@ -3,7 +3,9 @@
 * :class:`LogFlowHead`: scalar conditional log-flow ``f_φ(x, t, c) -> [N]`` (output layer zero-initialised).
 * :class:`FlowScoreHead`: vector flow-score ``g_φ(x, t, c) -> like x`` (output conv zero-initialised).
 
-``cond`` is the backbone's conditioning ``[N, L, D]``; ``D`` is the heads' cross-attention width.
+``cond`` is the backbone's conditioning ``[N, L, D]``; ``D`` is the heads' cross-attention width. ``t`` is the
+schedule's timestep ``[N]`` (or a scalar): int64 for VP schedules, float ``sigma * T`` for rectified flow (fed to
+the embedding as it is, not rounded).
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from torch import nn
 def _check_head_inputs(latent_shape, x, t, cond):
     if x.dim() != 4 or tuple(x.shape[1:]) != tuple(latent_shape):
         raise ValueError(f"x must be [N, {', '.join(map(str, latent_shape))}], got {tuple(x.shape)}")
-    t = torch.as_tensor(t, device=x.device).long().reshape(-1)
+    t = torch.as_tensor(t, device=x.device)
+    # VP timesteps are integers (int64 as before); rectified-flow timesteps are float sigma * T (shifted), which
+    # must reach the sinusoidal embedding unrounded, or two noise levels within 1/T share one embedding
+    t = (t if t.is_floating_point() else t.long()).reshape(-1)
     if t.numel() == 1:
         t = t.expand(x.shape[0])
     if cond is None or cond.dim() != 3 or cond.shape[0] != x.shape[0]:

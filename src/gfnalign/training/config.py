@@ -33,9 +33,10 @@ import yaml
 
 #: The objectives this trainer knows how to drive (the registry may add more).
 KNOWN_METHODS = ("dag-db", "dag-kl", "nabla-db", "residual-nabla-db", "rtb", "ddpo", "grpo", "reward-backprop")
-BACKBONE_KINDS = ("digits", "digits-flow", "sd", "sdxl", "sd3", "flux", "python")
-#: the shipped digits worlds (UNet and flow): their classifier gives the features and class masses
+#: the shipped digits worlds (UNet and flow): their classifier gives the features and class masses. The one
+#: list of them: the API, the CLI and the benchmarks import it from here.
 DIGITS_KINDS = ("digits", "digits-flow")
+BACKBONE_KINDS = (*DIGITS_KINDS, "sd", "sdxl", "sd3", "flux", "python")
 #: backbone kinds whose folders are diffusers pipelines (resolved by gfnalign.backbones.families)
 PIPELINE_KINDS = ("sd", "sdxl", "sd3", "flux")
 #: kinds whose models are rectified-flow transformers (default kernel flow_sde; T5 max_sequence_length)

@@ -3,8 +3,8 @@
 * ``DEMO``: the embedded default of ``gfnalign demo`` (prior-relative DAG-DB on the shipped digits model with
   the digit-preference reward and the open prompt; sized to finish in a few minutes on two CPU cores).
 * ``digits-<method>``: every method on the digits world at an equal budget (the methods table in miniature).
-* ``digits-flow-<method>``: the same on the shipped flow-matching digits world (SD3-style, Flow-GRPO's SDE
-  kernel), plus ``grpo`` (:func:`digits_flow_preset`).
+* ``digits-flow-<method>``: the same (``rtb`` included) on the shipped flow-matching digits world (SD3-style,
+  Flow-GRPO's SDE kernel), plus ``grpo`` (:func:`digits_flow_preset`).
 * ``sdxl-<reward>-<method>``: the same rewards and methods on SDXL base at 1024 px (:func:`sdxl_preset`).
 * ``sd35m-<reward>-<method>`` / ``flux1-<reward>-<method>``: SD3.5 Medium and FLUX.1-dev with Flow-GRPO's
   published recipes (:func:`flow_preset`): ``grpo`` for every reward, and relative DAG-DB / residual ∇-DB at
@@ -111,13 +111,15 @@ DEMO["logging"]["eval_samples"] = 100
 # -- the flow-matching digits world ----------------------------------------------------------------------
 #: Flow-GRPO's SDE noise level a of the flow digits world's sampler (its default; SD3.5-M's recipe value)
 DIGITS_FLOW_NOISE_LEVEL = 0.7
-DIGITS_FLOW_METHODS = (*METHODS, "grpo")
+#: every digits method (rtb included) plus the Flow-GRPO baseline
+DIGITS_FLOW_METHODS = (*DIGITS_METHODS, "grpo")
 
 
 def digits_flow_preset(method: str) -> dict[str, Any]:
     """``digits-flow-<method>``: the digits preset of ``method`` on the shipped SD3-style digits world, sampled
     with Flow-GRPO's SDE (a = 0.7, 20 steps, guidance 1). Same reward, β, budget, options and learning rates
-    as the UNet world's presets (tuned there, not on the flow world). ``grpo`` takes the DDPO preset's budget
+    as the UNet world's presets (tuned there, not on the flow world; ``rtb`` keeps ``digits-rtb``'s whole
+    trajectories per micro-batch and log Z step). ``grpo`` takes the DDPO preset's budget
     with groups of 8 images per prompt (two prompts per epoch) and flow_grpo's clip range, advantage clip,
     mean-reduced log-probs and KL β 0.01 (its SD3.5 PickScore recipe)."""
     cfg = digits_preset("ddpo" if method == "grpo" else method)
