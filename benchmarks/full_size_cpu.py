@@ -2,7 +2,7 @@
 
     python benchmarks/full_size_cpu.py [--methods residual-nabla-db,...] [--resolution 512] [--steps 4]
                                        [--batch 1] [--fraction 0.5] [--rss-limit-gb 18] [--threads 2]
-                                       [--json benchmarks/out/full_size_cpu.json]
+                                       [--trace] [--json benchmarks/out/full_size_cpu.json]
 
 Components as in ``gpu_sd15.py`` (nothing downloaded): the SD1.5 UNet, f8 VAE and CLIP ViT-L/14 text encoder
 built from their real config values with random weights, and the aesthetic reward's compute (a random CLIP
@@ -74,6 +74,61 @@ def phase(name: str) -> None:
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def malloc_in_use_gb() -> float | None:
+    """Bytes glibc's allocator has handed out and not taken back (heap + mmapped chunks), or None off glibc:
+    the live allocations, where RSS also counts freed heap memory not yet returned to the system."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+    except (OSError, AttributeError):
+        return None
+    info = libc.mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2**30
+
+
+def trace_objective_phases() -> None:
+    """``--trace``: after each network pass, VJP and Lookahead call inside the objectives and the memory probe,
+    print RSS, the allocator's live bytes and the peak so far (where a transition's memory goes)."""
+    import functools
+
+    from gfnalign.objectives import residual_nabla_db, score_balance
+    from gfnalign.training import lookahead, memory
+
+    t0 = time.perf_counter()
+
+    def wrap(owner: Any, name: str, tag: str) -> None:
+        fn = getattr(owner, name)
+
+        @functools.wraps(fn)
+        def traced(*a: Any, **k: Any) -> Any:
+            out = fn(*a, **k)
+            live = malloc_in_use_gb()
+            print(f"full_size_cpu: trace {time.perf_counter() - t0:7.1f} s after {tag:<28} RSS {rss_bytes() / 2**30:6.2f} GB"
+                  f"  live {'?' if live is None else f'{live:6.2f}'} GB  peak {peak_rss_gb():6.2f} GB",
+                  file=sys.stderr, flush=True)
+            return out
+
+        static = isinstance(owner, type) and isinstance(owner.__dict__.get(name), staticmethod)
+        setattr(owner, name, staticmethod(traced) if static else traced)
+
+    wrap(score_balance.ScoreBalanceObjective, "policy_kernel", "network pass")
+    wrap(score_balance.ScoreBalanceObjective, "flow_scores", "flow scores")
+    wrap(score_balance.ScoreBalanceObjective, "shared_reward_grad", "shared x0 VJP")
+    wrap(score_balance, "reverse_score", "reverse-score VJP")
+    wrap(residual_nabla_db, "mean_vjp", "mean VJP")
+    wrap(lookahead.RewardLookahead, "grad_log_reward_x0", "decoder + reward backward")
+    wrap(memory, "update_rows", "memory probe")
+    import torch
+
+    wrap(torch.Tensor, "backward", "loss backward")
 
 
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
@@ -169,11 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="the denoiser recomputes its blocks in the backward from the start (backbone.gradient_checkpointing)")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "out" / "full_size_cpu.json")
+    p.add_argument("--trace", action="store_true",
+                   help="print RSS and live allocator bytes after each pass inside the objective (stderr)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.child:  # one method, guarded; the result is the last stdout line
         start_watchdog(int(args.rss_limit_gb * 2**30))
+        if args.trace:
+            trace_objective_phases()
         print(json.dumps(run_one(args)), flush=True)
         return 0
 
@@ -193,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd.append("--tiny")
         if args.gradient_checkpointing:
             cmd.append("--gradient-checkpointing")
+        if args.trace:
+            cmd.append("--trace")
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode == 0:
