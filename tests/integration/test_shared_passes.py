@@ -217,8 +217,9 @@ def test_an_update_cut_into_parts_by_the_memory_budget_has_the_uncut_gradient(wo
     whole, single, pairs = grads(len(batch)), grads(1), grads(4)  # 4: parts of 4 and 2
     assert sum(float(g.abs().sum()) for g in whole) > 0
     for a, b, c in zip(whole, single, pairs, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-12)
+        # atol 1e-11: the lookahead's chunks follow the free memory, so its batching (float64 rounding) varies
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-11)
 
 
 def test_objectives_with_coupled_transitions_are_never_cut(world):
@@ -304,7 +305,9 @@ def test_the_update_probe_runs_checkpointed_and_estimates_the_uncheckpointed_nee
     assert update_rows(obj, batch, loss_of, budget, resident, backbone=bb) >= len(batch)
     assert not bb.gradient_checkpointing_on
     estimate = budget.per_row("update/transition", pytest.fail)
-    assert plain <= estimate <= 1.3 * plain, (estimate, plain)
+    # an upper bound: the probe's own figure is the peak of the graphs alive, but the blocks' bytes are summed
+    # over every pass of the transition, the transient ones (VJP graphs freed inside the loss) included
+    assert plain <= estimate <= 2.5 * plain, (estimate, plain)
     # within 15%: run after the module's other tests, the probe's figure came out 5-8% above a separate direct
     # measurement (cause not found; alone they agree within 2%)
     assert budget.per_row("update/transition/checkpointed", pytest.fail) == pytest.approx(checkpointed, rel=0.15)
