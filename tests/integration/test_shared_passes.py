@@ -359,43 +359,6 @@ def test_the_lookahead_recomputes_decoder_and_reward_blocks_when_one_row_is_over
     torch.testing.assert_close(g_auto, g_plain, rtol=1e-10, atol=1e-12)
 
 
-class LiveGraphBytes:
-    """Bytes of activations held by autograd graphs *now* (each distinct storage once, resident weights left
-    out): saved tensors are wrapped in holders that give their bytes back when the graph frees them."""
-
-    def __init__(self, resident_modules) -> None:
-        self.resident = {t.untyped_storage().data_ptr() for m in resident_modules
-                         for t in (*m.parameters(), *m.buffers())}
-        self.refs: dict[int, int] = {}
-        self.sizes: dict[int, int] = {}
-
-    @property
-    def bytes(self) -> int:
-        return sum(self.sizes[k] for k, n in self.refs.items() if n > 0)
-
-    def pack(self, t: torch.Tensor):
-        key = t.untyped_storage().data_ptr()
-        if key in self.resident:
-            return t
-        self.refs[key] = self.refs.get(key, 0) + 1
-        self.sizes[key] = t.untyped_storage().nbytes()
-        return _Held(t.detach(), self, key)  # detached: a saved output would otherwise keep its own node
-
-    @staticmethod
-    def unpack(held):
-        return held.t if isinstance(held, _Held) else held
-
-
-class _Held:
-    __slots__ = ("t", "owner", "key")
-
-    def __init__(self, t, owner, key) -> None:
-        self.t, self.owner, self.key = t, owner, key
-
-    def __del__(self) -> None:
-        self.owner.refs[self.key] -= 1
-
-
 @pytest.mark.parametrize(("method", "model"), [("residual-nabla-db", "reference"), ("residual-nabla-db", "policy"),
                                                ("nabla-db", "policy")])
 def test_the_lookahead_backward_never_runs_beside_the_objectives_graphs(world, method, model):
@@ -403,19 +366,21 @@ def test_the_lookahead_backward_never_runs_beside_the_objectives_graphs(world, m
     must not coexist with the policy's or the reference's graph beyond the one pass it reads x̂0 from: at every
     ∇_{x0} r call the live graphs hold at most one denoiser pass (before: up to three, the policy's, a
     reference graph kept by an unused return value, and the lookahead's own pass at x_next)."""
-    from gfnalign.training.memory import resident_modules
+    from gfnalign.training.memory import _LiveSaved, resident_modules
 
     bb, reward, traj = world
     obj = build_objective(method, state_shape=bb.latent_shape, fraction=1.0, trust_region=0.5).to(DT)
     batch = obj.select_transitions(obj.prepare(traj))
     la = RewardLookahead(bb, reward, model=model, guided=True)
     la.set_prompts(traj.cond, traj.prompts)
-    live = LiveGraphBytes(resident_modules(bb, obj, reward))
+    # the memory probe's own counter of the bytes live graphs hold now (distinct storages, weights left out)
+    live = _LiveSaved({t.untyped_storage().data_ptr() for m in resident_modules(bb, obj, reward)
+                       for t in (*m.parameters(), *m.buffers())})
     at_reward_backward: list[int] = []
     inner = la.grad_log_reward_x0
 
     def recording(x0, cond):
-        at_reward_backward.append(live.bytes)
+        at_reward_backward.append(live.now)
         return inner(x0, cond)
 
     la.grad_log_reward_x0 = recording
@@ -424,10 +389,10 @@ def test_the_lookahead_backward_never_runs_beside_the_objectives_graphs(world, m
         x_t = batch.x_t.detach().requires_grad_(True)
         t = bb.schedule.timesteps[batch.step]
         eps = bb.eps(x_t, t, batch.cond)
-        one_pass = live.bytes
+        one_pass = live.now
         del eps, x_t
         gc.collect()
-        assert live.bytes == 0
+        assert live.now == 0
         out = obj(batch, bb, la, beta=2.0)
         out.loss.backward()
     assert one_pass > 0 and len(at_reward_backward) >= 2, (one_pass, at_reward_backward)
